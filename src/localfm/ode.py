@@ -1,0 +1,176 @@
+"""ODE integration of a velocity field, optionally with the divergence integrated alongside.
+
+One code path serves both directions: ``t0 = 0, t1 = 1`` is data to noise (``forward``),
+``t0 = 1, t1 = 0`` is noise to data (``inverse``). Adaptive and fixed-step Runge-Kutta schemes come
+from torchdiffeq; what we add is the joint (state, log-determinant) system, the divergence
+estimators, step control on the state alone, and counting network evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+__all__ = ["SolverConfig", "Solution", "integrate", "divergence_exact", "divergence_hutchinson"]
+
+FIXED_METHODS = ("euler", "midpoint", "rk4")
+ADAPTIVE_METHODS = ("dopri5", "bosh3", "dopri8")
+
+Velocity = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How a block's ODE is solved.
+
+    ``method`` is a fixed-step scheme (``euler``, ``midpoint``, ``rk4``: ``steps`` equal steps on
+    [0, 1]) or an adaptive one (``dopri5``, ``bosh3``, ``dopri8``: relative and absolute
+    tolerances ``rtol``, ``atol``).
+    """
+
+    method: str = "dopri5"
+    steps: int = 8
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.method not in FIXED_METHODS + ADAPTIVE_METHODS:
+            raise ValueError(
+                f"solver.method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {self.method!r}"
+            )
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"solver.steps must be an integer >= 1, got {self.steps!r}")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ValueError(f"solver.rtol and solver.atol must be > 0, got {self.rtol}, {self.atol}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+
+@dataclass
+class Solution:
+    """Result of :func:`integrate`.
+
+    ``x``: state at ``t1``, shape like the input. ``delta``: ``integral_{t0}^{t1} div v dt`` per
+    point, shape (B,), or ``None`` when no divergence was asked for. ``nfe``: network evaluations.
+    """
+
+    x: Tensor
+    delta: Tensor | None
+    nfe: int
+
+
+def divergence_exact(
+    f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """``v = f(x)`` and the exact divergence ``tr(df/dx)`` per point, for x of shape (B, d).
+
+    One forward pass and d vector-Jacobian products with the unit vectors, all through one graph,
+    so the cost is about (d + 1) network evaluations. ``batched=True`` runs the d products as one
+    vmapped backward pass (best on GPUs); ``False`` runs them one after another on the shared graph.
+    On CPUs the sequential form measured 1.2-1.7x faster than the batched one and 2.5x faster than
+    forward-mode ``vmap(jvp)`` (benchmarks/bench_divergence.py), so ``None`` picks by device.
+    """
+    B, d = x.shape
+    if batched is None:
+        batched = x.device.type != "cpu"
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        v = f(x_)
+        if batched:
+            basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, B, d)
+            (g,) = torch.autograd.grad(v, x_, basis, is_grads_batched=True)
+            # g[i, b, :] = e_i^T J_b, so the trace is the sum over i of g[i, b, i].
+            div = torch.diagonal(g, dim1=0, dim2=2).sum(-1)
+        else:
+            div = torch.zeros(B, dtype=x.dtype, device=x.device)
+            for i in range(d):
+                (g,) = torch.autograd.grad(v[:, i].sum(), x_, retain_graph=i < d - 1)
+                div += g[:, i]
+    return v.detach(), div
+
+
+def divergence_hutchinson(f: Callable[[Tensor], Tensor], x: Tensor, probe: Tensor) -> tuple[Tensor, Tensor]:
+    """``v = f(x)`` and Hutchinson's unbiased estimate ``probe^T (df/dx) probe`` per point.
+
+    ``probe`` has the shape of ``x`` with ``E[probe probe^T] = I`` (Rademacher or Gaussian); it
+    must stay fixed during one ODE solve so the estimate is of one integral, not a random walk.
+    """
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        v = f(x_)
+        (g,) = torch.autograd.grad(v, x_, probe)
+    return v.detach(), (g * probe).flatten(1).sum(1)
+
+
+def integrate(
+    velocity: Velocity,
+    x: Tensor,
+    *,
+    t0: float,
+    t1: float,
+    solver: SolverConfig = SolverConfig(),
+    divergence: str | None = None,
+    probe: Tensor | None = None,
+) -> Solution:
+    """Solve ``dx/dt = velocity(x, t)`` from ``t0`` to ``t1``.
+
+    Args:
+        velocity: ``(x, t) -> v`` with ``x`` of shape (B, ...) and ``t`` a 0-d tensor.
+        x: initial state, shape (B, ...).
+        t0, t1: start and end times; ``t1 < t0`` integrates backwards.
+        solver: :class:`SolverConfig`.
+        divergence: ``None``, ``"exact"`` (x must be (B, d)) or ``"hutchinson"`` (needs ``probe``).
+        probe: Hutchinson probe of the shape of ``x``.
+
+    Returns:
+        :class:`Solution` with the end state, ``integral_{t0}^{t1} div v dt`` and the evaluation count.
+    """
+    nfe = 0
+    times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
+    options = {"step_size": (t1 - t0) / solver.steps} if not solver.adaptive else {}
+    kwargs = {"rtol": solver.rtol, "atol": solver.atol} if solver.adaptive else {}
+
+    if divergence is None:
+
+        def rhs(t: Tensor, y: Tensor) -> Tensor:
+            nonlocal nfe
+            nfe += 1
+            return velocity(y, t)
+
+        with torch.no_grad():
+            y = odeint(rhs, x, times, method=solver.method, options=options, **kwargs)
+        return Solution(y[-1], None, nfe)
+
+    if divergence == "exact":
+        if x.dim() != 2:
+            raise ValueError(f"exact divergence needs x of shape (B, d), got {tuple(x.shape)}; use 'hutchinson'")
+        div_fn = divergence_exact
+    elif divergence == "hutchinson":
+        if probe is None or probe.shape != x.shape:
+            raise ValueError("hutchinson divergence needs a probe with the shape of x")
+
+        def div_fn(f, y):
+            return divergence_hutchinson(f, y, probe)
+    else:
+        raise ValueError(f"divergence must be None, 'exact' or 'hutchinson', got {divergence!r}")
+
+    def rhs_joint(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        v, div = div_fn(lambda y: velocity(y, t), state[0])
+        return v, div
+
+    if solver.adaptive:
+        # Control the step on the state alone: the same steps as a plain solve, so the log-density
+        # costs a fixed multiple of sampling and agrees with the pushforward used in training.
+        options["norm"] = lambda ys: ys[0].pow(2).mean().sqrt()
+    zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        y, delta = odeint(rhs_joint, (x, zero), times, method=solver.method, options=options, **kwargs)
+    return Solution(y[-1], delta[-1], nfe)
