@@ -29,7 +29,22 @@ from .training import Progress, TrainingDivergedError, fit  # noqa: E402
 LocalFlow.save = lambda self, path: save(self, path)  # type: ignore[attr-defined]
 
 __all__ = [
-    "fit", "load", "save", "LocalFlow", "Block", "FlowOutput", "Standardizer", "FlowConfig",
-    "BlocksConfig", "TrainConfig", "NetConfig", "SolverConfig", "MLP", "Progress",
-    "TrainingDivergedError", "CheckpointError", "load_config", "__version__",
+    "fit",
+    "load",
+    "save",
+    "LocalFlow",
+    "Block",
+    "FlowOutput",
+    "Standardizer",
+    "FlowConfig",
+    "BlocksConfig",
+    "TrainConfig",
+    "NetConfig",
+    "SolverConfig",
+    "MLP",
+    "Progress",
+    "TrainingDivergedError",
+    "CheckpointError",
+    "load_config",
+    "__version__",
 ]

@@ -153,17 +153,23 @@ def load(path: str | Path, *, net_factory=None, map_location: str | torch.device
     if path.is_file() and path.name in ("flow.json", "model.safetensors"):
         path = path.parent
     if not path.is_dir():
-        raise CheckpointError(f"no localfm checkpoint at {path}: expected a folder with flow.json and model.safetensors")
+        raise CheckpointError(
+            f"no localfm checkpoint at {path}: expected a folder with flow.json and model.safetensors"
+        )
     meta = read_json(path / "flow.json")
     _expect(meta.get("format") == FORMAT, path, f"not a localfm checkpoint (format {meta.get('format')!r})")
-    _expect(meta.get("format_version") == FORMAT_VERSION, path,
-            f"checkpoint format version {meta.get('format_version')!r}, this localfm reads {FORMAT_VERSION}")
+    _expect(
+        meta.get("format_version") == FORMAT_VERSION,
+        path,
+        f"checkpoint format version {meta.get('format_version')!r}, this localfm reads {FORMAT_VERSION}",
+    )
     tensors = read_tensors(path / "model.safetensors", meta.get("tensors_sha256"))
     return flow_from_state(meta, tensors, path, net_factory=net_factory, map_location=map_location)
 
 
-def flow_from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, *,
-                    net_factory=None, map_location="cpu") -> LocalFlow:
+def flow_from_state(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, *, net_factory=None, map_location="cpu"
+) -> LocalFlow:
     try:
         config = from_dict(FlowConfig, meta["config"]) if meta.get("config") is not None else None
         solver = from_dict(SolverConfig, meta["solver"])
@@ -180,11 +186,18 @@ def flow_from_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path
     std = Standardizer.identity(event_shape)
     flow = LocalFlow(event_shape, blocks, std, solver, config)
     expected = flow.state_dict()
-    _expect(set(tensors) == set(expected), path,
-            f"tensor names do not match the model the config describes "
-            f"(missing {sorted(set(expected) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(expected))[:3]})")
+    _expect(
+        set(tensors) == set(expected),
+        path,
+        f"tensor names do not match the model the config describes "
+        f"(missing {sorted(set(expected) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(expected))[:3]})",
+    )
     for k, v in tensors.items():
-        _expect(v.shape == expected[k].shape, path, f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        _expect(
+            v.shape == expected[k].shape,
+            path,
+            f"tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}",
+        )
     # Network weights take the saved dtype (float32 or float64) for every block alike.
     dtypes = {v.dtype for k, v in tensors.items() if k.startswith("blocks.")}
     if len(dtypes) == 1:

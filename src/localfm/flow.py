@@ -102,13 +102,27 @@ class Block(nn.Module):
             return lambda x, t: self.net(x, t)
         return lambda x, t: self.net(x, t, context)
 
-    def forward(self, x: Tensor, *, solver: SolverConfig, divergence: str | None = None,
-                probe: Tensor | None = None, context: Tensor | None = None) -> Solution:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        solver: SolverConfig,
+        divergence: str | None = None,
+        probe: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> Solution:
         """Data side to noise side (t: 0 -> 1); ``delta`` is ``+integral div v dt``."""
         return integrate(self.velocity(context), x, t0=0.0, t1=1.0, solver=solver, divergence=divergence, probe=probe)
 
-    def inverse(self, z: Tensor, *, solver: SolverConfig, divergence: str | None = None,
-                probe: Tensor | None = None, context: Tensor | None = None) -> Solution:
+    def inverse(
+        self,
+        z: Tensor,
+        *,
+        solver: SolverConfig,
+        divergence: str | None = None,
+        probe: Tensor | None = None,
+        context: Tensor | None = None,
+    ) -> Solution:
         """Noise side to data side (t: 1 -> 0); ``delta`` is ``-integral div v dt``."""
         return integrate(self.velocity(context), z, t0=1.0, t1=0.0, solver=solver, divergence=divergence, probe=probe)
 
@@ -142,8 +156,14 @@ class LocalFlow(nn.Module):
         config: the resolved :class:`~localfm.config.FlowConfig` this flow was trained with.
     """
 
-    def __init__(self, event_shape, blocks=(), standardizer: Standardizer | None = None,
-                 solver: SolverConfig = SolverConfig(), config=None) -> None:
+    def __init__(
+        self,
+        event_shape,
+        blocks=(),
+        standardizer: Standardizer | None = None,
+        solver: SolverConfig = SolverConfig(),
+        config=None,
+    ) -> None:
         super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         self.blocks = nn.ModuleList(blocks)
@@ -196,8 +216,9 @@ class LocalFlow(nn.Module):
     def _base_log_prob(self, z: Tensor) -> Tensor:
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
 
-    def _run(self, x: Tensor, *, inverse: bool, with_log_prob: bool, solver, divergence,
-             generator, context, return_path) -> FlowOutput:
+    def _run(
+        self, x: Tensor, *, inverse: bool, with_log_prob: bool, solver, divergence, generator, context, return_path
+    ) -> FlowOutput:
         solver = solver or self.solver
         div = self._divergence(divergence) if with_log_prob else None
         probe = None
@@ -221,29 +242,61 @@ class LocalFlow(nn.Module):
         return FlowOutput(x, delta if with_log_prob else None, nfe, path)
 
     @torch.no_grad()
-    def encode(self, x: Tensor, *, solver: SolverConfig | None = None, with_log_prob: bool = False,
-               divergence: str = "auto", generator: torch.Generator | None = None,
-               context: Tensor | None = None, return_path: bool = False) -> FlowOutput:
+    def encode(
+        self,
+        x: Tensor,
+        *,
+        solver: SolverConfig | None = None,
+        with_log_prob: bool = False,
+        divergence: str = "auto",
+        generator: torch.Generator | None = None,
+        context: Tensor | None = None,
+        return_path: bool = False,
+    ) -> FlowOutput:
         """Data (in data units) to codes z, through every block forward.
 
         With ``with_log_prob`` the output's ``log_prob`` is ``log p(x)`` in nats.
         """
         x = check_data(x, "x", self.event_shape).to(self.device, self._dtype())
         u = self.standardizer(x)
-        out = self._run(u, inverse=False, with_log_prob=with_log_prob, solver=solver, divergence=divergence,
-                        generator=generator, context=context, return_path=return_path)
+        out = self._run(
+            u,
+            inverse=False,
+            with_log_prob=with_log_prob,
+            solver=solver,
+            divergence=divergence,
+            generator=generator,
+            context=context,
+            return_path=return_path,
+        )
         if with_log_prob:
             out.log_prob = self._base_log_prob(out.x) + out.log_prob + self.standardizer.logdet()
         return out
 
     @torch.no_grad()
-    def decode(self, z: Tensor, *, solver: SolverConfig | None = None, with_log_prob: bool = False,
-               divergence: str = "auto", generator: torch.Generator | None = None,
-               context: Tensor | None = None, return_path: bool = False) -> FlowOutput:
+    def decode(
+        self,
+        z: Tensor,
+        *,
+        solver: SolverConfig | None = None,
+        with_log_prob: bool = False,
+        divergence: str = "auto",
+        generator: torch.Generator | None = None,
+        context: Tensor | None = None,
+        return_path: bool = False,
+    ) -> FlowOutput:
         """Codes z to data (in data units), through every block inverse, last block first."""
         z = check_data(z, "z", self.event_shape).to(self.device, self._dtype())
-        out = self._run(z, inverse=True, with_log_prob=with_log_prob, solver=solver, divergence=divergence,
-                        generator=generator, context=context, return_path=return_path)
+        out = self._run(
+            z,
+            inverse=True,
+            with_log_prob=with_log_prob,
+            solver=solver,
+            divergence=divergence,
+            generator=generator,
+            context=context,
+            return_path=return_path,
+        )
         if with_log_prob:
             # delta accumulated -integral div v over the blocks.
             out.log_prob = self._base_log_prob(z) - out.log_prob + self.standardizer.logdet()
@@ -257,9 +310,17 @@ class LocalFlow(nn.Module):
             return p.dtype
         return torch.get_default_dtype()
 
-    def log_prob(self, x: Tensor, *, solver: SolverConfig | None = None, divergence: str = "auto",
-                 batch_size: int = 4096, generator: torch.Generator | None = None,
-                 context: Tensor | None = None, progress=None) -> Tensor:
+    def log_prob(
+        self,
+        x: Tensor,
+        *,
+        solver: SolverConfig | None = None,
+        divergence: str = "auto",
+        batch_size: int = 4096,
+        generator: torch.Generator | None = None,
+        context: Tensor | None = None,
+        progress=None,
+    ) -> Tensor:
         """``log p(x)`` in nats for each point of ``x`` (N, ...), in the units of ``x``.
 
         Exact divergence for small flat d, Hutchinson otherwise (``divergence=`` overrides).
@@ -269,34 +330,65 @@ class LocalFlow(nn.Module):
         out = []
         for i in range(0, x.shape[0], batch_size):
             ctx = None if context is None else context[i : i + batch_size]
-            res = self.encode(x[i : i + batch_size], solver=solver, with_log_prob=True, divergence=divergence,
-                              generator=generator, context=ctx)
+            res = self.encode(
+                x[i : i + batch_size],
+                solver=solver,
+                with_log_prob=True,
+                divergence=divergence,
+                generator=generator,
+                context=ctx,
+            )
             out.append(res.log_prob)
             if progress is not None:
                 progress(min(i + batch_size, x.shape[0]), x.shape[0])
         return torch.cat(out)
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, solver: SolverConfig | None = None,
-               context: Tensor | None = None, batch_size: int = 65536) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: SolverConfig | None = None,
+        context: Tensor | None = None,
+        batch_size: int = 65536,
+    ) -> Tensor:
         """``n`` samples in data units: ``z ~ N(0, I)`` pulled back through the chain."""
-        return self.sample_and_log_prob(n, generator=generator, solver=solver, context=context,
-                                        batch_size=batch_size, with_log_prob=False)[0]
+        return self.sample_and_log_prob(
+            n, generator=generator, solver=solver, context=context, batch_size=batch_size, with_log_prob=False
+        )[0]
 
-    def sample_and_log_prob(self, n: int, *, generator: torch.Generator | None = None,
-                            solver: SolverConfig | None = None, context: Tensor | None = None,
-                            divergence: str = "auto", batch_size: int = 4096,
-                            with_log_prob: bool = True) -> tuple[Tensor, Tensor | None]:
+    def sample_and_log_prob(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: SolverConfig | None = None,
+        context: Tensor | None = None,
+        divergence: str = "auto",
+        batch_size: int = 4096,
+        with_log_prob: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
         """Samples and their log-density, in one inverse solve per block."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        z = torch.randn((n, *self.event_shape), generator=generator, dtype=self._dtype(),
-                        device=generator.device if generator is not None else self.device)
+        z = torch.randn(
+            (n, *self.event_shape),
+            generator=generator,
+            dtype=self._dtype(),
+            device=generator.device if generator is not None else self.device,
+        )
         z = z.to(self.device)
         xs, lps = [], []
         for i in range(0, n, batch_size):
             ctx = None if context is None else context[i : i + batch_size]
-            out = self.decode(z[i : i + batch_size], solver=solver, with_log_prob=with_log_prob,
-                              divergence=divergence, generator=generator, context=ctx)
+            out = self.decode(
+                z[i : i + batch_size],
+                solver=solver,
+                with_log_prob=with_log_prob,
+                divergence=divergence,
+                generator=generator,
+                context=ctx,
+            )
             xs.append(out.x)
             lps.append(out.log_prob)
         return torch.cat(xs), (torch.cat(lps) if with_log_prob else None)

@@ -39,9 +39,7 @@ class SolverConfig:
 
     def __post_init__(self) -> None:
         if self.method not in FIXED_METHODS + ADAPTIVE_METHODS:
-            raise ValueError(
-                f"solver.method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {self.method!r}"
-            )
+            raise ValueError(f"solver.method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {self.method!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"solver.steps must be an integer >= 1, got {self.steps!r}")
         if not (self.rtol > 0 and self.atol > 0):
@@ -65,9 +63,7 @@ class Solution:
     nfe: int
 
 
-def divergence_exact(
-    f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool | None = None
-) -> tuple[Tensor, Tensor]:
+def divergence_exact(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool | None = None) -> tuple[Tensor, Tensor]:
     """``v = f(x)`` and the exact divergence ``tr(df/dx)`` per point, for x of shape (B, d).
 
     One forward pass and d vector-Jacobian products with the unit vectors, all through one graph,

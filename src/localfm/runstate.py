@@ -60,8 +60,9 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.config = config
 
-    def save(self, flow: LocalFlow, block: int, pool: Tensor, generator: torch.Generator,
-             elapsed: float, state) -> Path:
+    def save(
+        self, flow: LocalFlow, block: int, pool: Tensor, generator: torch.Generator, elapsed: float, state
+    ) -> Path:
         """Checkpoint the run before block ``block`` (``state=None``) or inside it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         pool_name, pool_sha = None, None
@@ -75,9 +76,17 @@ class Checkpointer:
                 pool_sha = read_json(pool_meta)["sha256"]
         tensors = {f"flow.{k}": v for k, v in flow.state_dict().items()}
         tensors["rng"] = generator.get_state()
-        meta = {"format": FORMAT, "block": block, "step": state.step if state else 0, "elapsed": elapsed,
-                "flow": flow_meta(flow), "config": to_dict(self.config), "pool_file": pool_name,
-                "pool_sha256": pool_sha, "block_state": None}
+        meta = {
+            "format": FORMAT,
+            "block": block,
+            "step": state.step if state else 0,
+            "elapsed": elapsed,
+            "flow": flow_meta(flow),
+            "config": to_dict(self.config),
+            "pool_file": pool_name,
+            "pool_sha256": pool_sha,
+            "block_state": None,
+        }
         if state is not None:
             tensors.update({f"net.{k}": v for k, v in state.net.state_dict().items()})
             opt = state.optimizer.state_dict()
@@ -85,8 +94,12 @@ class Checkpointer:
                 tensors.update({f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()})
             if state.ema is not None:
                 tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
-            meta["block_state"] = {"param_groups": opt["param_groups"], "losses": state.losses,
-                                   "seconds": state.seconds, "ema": state.ema is not None}
+            meta["block_state"] = {
+                "param_groups": opt["param_groups"],
+                "losses": state.losses,
+                "seconds": state.seconds,
+                "ema": state.ema is not None,
+            }
         name = f"b{block:02d}-s{meta['step']:07d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.dir))
         try:
@@ -117,8 +130,9 @@ def _checkpoints(folder: Path) -> list[Path]:
     """Checkpoint folders, newest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), int(m.group(2)), d) for d in folder.iterdir()
-             if d.is_dir() and (m := _NAME.match(d.name))]
+    found = [
+        (int(m.group(1)), int(m.group(2)), d) for d in folder.iterdir() if d.is_dir() and (m := _NAME.match(d.name))
+    ]
     return [d for *_, d in sorted(found, reverse=True)]
 
 
@@ -129,14 +143,18 @@ def _load_one(path: Path, config: FlowConfig, shape, net_factory, device) -> Sav
     if meta.get("config") != to_dict(config):
         saved, now = meta.get("config") or {}, to_dict(config)
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ValueError(f"cannot resume from {path}: the config differs in {diff}; resume with the run's own "
-                         "config (config.yaml in the run folder) or start a new run")
+        raise ValueError(
+            f"cannot resume from {path}: the config differs in {diff}; resume with the run's own "
+            "config (config.yaml in the run folder) or start a new run"
+        )
     tensors = read_tensors(path / "state.safetensors", meta.get("tensors_sha256"))
     flow_t = {k[5:]: v for k, v in tensors.items() if k.startswith("flow.")}
     flow = flow_from_state(meta["flow"], flow_t, path, net_factory=net_factory, map_location=device)
     if tuple(flow.event_shape) != tuple(shape[1:]):
-        raise ValueError(f"cannot resume from {path}: it was trained on points of shape {flow.event_shape}, "
-                         f"the data given has {tuple(shape[1:])}")
+        raise ValueError(
+            f"cannot resume from {path}: it was trained on points of shape {flow.event_shape}, "
+            f"the data given has {tuple(shape[1:])}"
+        )
     pool = None
     if meta.get("pool_file"):
         pool = read_tensors(path.parent / meta["pool_file"], meta.get("pool_sha256"))["pool"]
@@ -154,9 +172,19 @@ def _load_one(path: Path, config: FlowConfig, shape, net_factory, device) -> Sav
         groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in bs["param_groups"]]
         opt_state = {"state": per_param, "param_groups": groups}
         ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} if bs.get("ema") else None
-    return SavedRun(flow, int(meta["block"]), int(meta["step"]), float(meta["elapsed"]), pool,
-                    tensors["rng"], net_state, opt_state, ema_state,
-                    [tuple(x) for x in (bs or {}).get("losses", [])], float((bs or {}).get("seconds", 0.0)))
+    return SavedRun(
+        flow,
+        int(meta["block"]),
+        int(meta["step"]),
+        float(meta["elapsed"]),
+        pool,
+        tensors["rng"],
+        net_state,
+        opt_state,
+        ema_state,
+        [tuple(x) for x in (bs or {}).get("losses", [])],
+        float((bs or {}).get("seconds", 0.0)),
+    )
 
 
 def latest(run_dir: Path, config: FlowConfig, shape, *, net_factory=None, device="cpu") -> SavedRun | None:

@@ -188,8 +188,13 @@ def train_block(
 
 
 @torch.no_grad()
-def push(block: Block, pool: Tensor, solver: SolverConfig, batch_size: int,
-         progress: Callable[[int, int], None] | None = None) -> Tensor:
+def push(
+    block: Block,
+    pool: Tensor,
+    solver: SolverConfig,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
     """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches."""
     out = torch.empty_like(pool)
     for i in range(0, pool.shape[0], batch_size):
@@ -308,7 +313,7 @@ def fit(
             callback(Progress(n_blocks=len(hs), elapsed=budget.used(), **kw))
 
     ckpt = runstate.Checkpointer(Path(run_dir), cfg) if run_dir is not None else None
-    for n in range(start_block, len(hs)):           # data -> noise, one block at a time
+    for n in range(start_block, len(hs)):  # data -> noise, one block at a time
         h_n = hs[n]
         if state is None:
             warm = cfg.train.warm_start and n > 0
@@ -320,23 +325,53 @@ def fit(
             left = (steps[n] - s.step) * cfg.train.batch_size * cfg.train.draws_per_pair / max(rate, 1e-9)
             if math.isfinite(deadline):
                 left = min(left, max(0.0, deadline - time.monotonic()))
-            emit(phase="train", block=n, step=s.step, steps=steps[n], loss=loss,
-                 lr=s.optimizer.param_groups[0]["lr"], samples_per_s=rate, eta=left)
+            emit(
+                phase="train",
+                block=n,
+                step=s.step,
+                steps=steps[n],
+                loss=loss,
+                lr=s.optimizer.param_groups[0]["lr"],
+                samples_per_s=rate,
+                eta=left,
+            )
 
         def save_mid(s: BlockState, n=n) -> None:
             ckpt.save(flow, n, pool, generator, budget.used(), s)
 
         try:
-            train_block(state, pool, h_n, cfg.train, steps[n], generator=generator, deadline=deadline,
-                        report=report, checkpoint=save_mid if ckpt else None)
+            train_block(
+                state,
+                pool,
+                h_n,
+                cfg.train,
+                steps[n],
+                generator=generator,
+                deadline=deadline,
+                report=report,
+                checkpoint=save_mid if ckpt else None,
+            )
         except TrainingDivergedError as err:
             raise TrainingDivergedError(str(err).replace("{block}", str(n))) from None
         flow.append(Block(state.net, h_n))
         t0 = time.perf_counter()
-        pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size,
-                    lambda done, total, n=n: emit(phase="push", block=n, step=done, steps=total))
-        flow.training_log.append({"block": n, "h": h_n, "steps": state.step, "train_seconds": state.seconds,
-                                  "push_seconds": time.perf_counter() - t0, "losses": state.losses})
+        pool = push(
+            flow.blocks[n],
+            pool,
+            cfg.solver,
+            cfg.train.push_batch_size,
+            lambda done, total, n=n: emit(phase="push", block=n, step=done, steps=total),
+        )
+        flow.training_log.append(
+            {
+                "block": n,
+                "h": h_n,
+                "steps": state.step,
+                "train_seconds": state.seconds,
+                "push_seconds": time.perf_counter() - t0,
+                "losses": state.losses,
+            }
+        )
         state = None
         if ckpt is not None:
             ckpt.save(flow, n + 1, pool, generator, budget.used(), None)

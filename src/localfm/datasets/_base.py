@@ -82,8 +82,7 @@ class Dataset:
             expected_ndim = 4 if self.kind == "image" else 2
             if x.ndim != expected_ndim:
                 raise ValueError(
-                    f"Dataset.{split} of kind {self.kind!r} must be {expected_ndim}-D, "
-                    f"got shape {x.shape}"
+                    f"Dataset.{split} of kind {self.kind!r} must be {expected_ndim}-D, got shape {x.shape}"
                 )
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
@@ -166,9 +165,7 @@ def require(module: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"{what} needs the optional package {module.split('.')[0]!r}: {DATA_EXTRA}"
-        ) from exc
+        raise ImportError(f"{what} needs the optional package {module.split('.')[0]!r}: {DATA_EXTRA}") from exc
 
 
 def data_home(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -184,8 +181,7 @@ def data_home(cache_dir: str | os.PathLike | None = None) -> Path:
 def fraction_split(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
     """Split sizes for ``n`` rows; val and test get at least one row each."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
-                         f"got {fractions!r}")
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions!r}")
     n_val = max(1, int(round(fractions[1] * n)))
     n_test = max(1, int(round(fractions[2] * n)))
     n_train = n - n_val - n_test
