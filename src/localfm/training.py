@@ -321,7 +321,7 @@ def fit(
             state = new_block_state(net.to(device, dtype), cfg.train)
         deadline = budget.deadline(n, _estimate_push(state.net, h_n, pool, cfg) if time_budget else 0.0)
 
-        def report(s: BlockState, loss: float, rate: float, n=n) -> None:
+        def report(s: BlockState, loss: float, rate: float, n=n, deadline=deadline) -> None:
             left = (steps[n] - s.step) * cfg.train.batch_size * cfg.train.draws_per_pair / max(rate, 1e-9)
             if math.isfinite(deadline):
                 left = min(left, max(0.0, deadline - time.monotonic()))
@@ -336,7 +336,7 @@ def fit(
                 eta=left,
             )
 
-        def save_mid(s: BlockState, n=n) -> None:
+        def save_mid(s: BlockState, n=n, pool=pool) -> None:
             ckpt.save(flow, n, pool, generator, budget.used(), s)
 
         try:
