@@ -139,9 +139,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Everything that defines an LFM run. ``data`` names a dataset or a file (used by the CLI)."""
+    """Everything that defines an LFM run.
+
+    ``data`` names a dataset (``localfm datasets`` lists them) or a data file; ``data_root`` is the
+    folder for datasets that come from the user (GAS, HEPMASS, MINIBOONE, BSDS300, CIFAR-10).
+    """
 
     data: str | None = None
+    data_root: str | None = None
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
