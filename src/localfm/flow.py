@@ -308,7 +308,7 @@ class LocalFlow(nn.Module):
     def _dtype(self) -> torch.dtype:
         for p in self.parameters():
             return p.dtype
-        return torch.get_default_dtype()
+        return self.standardizer.mean.dtype  # no blocks: compute in the standardisation's precision
 
     def log_prob(
         self,

@@ -78,16 +78,20 @@ def divergence_exact(f: Callable[[Tensor], Tensor], x: Tensor, *, batched: bool 
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         v = f(x_)
+        div = torch.zeros(B, dtype=x.dtype, device=x.device)
+        if not v.requires_grad:  # a field that ignores x (and has no parameters) is divergence-free
+            return v.detach(), div
         if batched:
             basis = torch.eye(d, dtype=x.dtype, device=x.device).unsqueeze(1).expand(d, B, d)
-            (g,) = torch.autograd.grad(v, x_, basis, is_grads_batched=True)
+            (g,) = torch.autograd.grad(v, x_, basis, is_grads_batched=True, allow_unused=True)
             # g[i, b, :] = e_i^T J_b, so the trace is the sum over i of g[i, b, i].
-            div = torch.diagonal(g, dim1=0, dim2=2).sum(-1)
+            if g is not None:
+                div = torch.diagonal(g, dim1=0, dim2=2).sum(-1)
         else:
-            div = torch.zeros(B, dtype=x.dtype, device=x.device)
             for i in range(d):
-                (g,) = torch.autograd.grad(v[:, i].sum(), x_, retain_graph=i < d - 1)
-                div += g[:, i]
+                (g,) = torch.autograd.grad(v[:, i].sum(), x_, retain_graph=i < d - 1, allow_unused=True)
+                if g is not None:
+                    div += g[:, i]
     return v.detach(), div
 
 
@@ -100,8 +104,25 @@ def divergence_hutchinson(f: Callable[[Tensor], Tensor], x: Tensor, probe: Tenso
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         v = f(x_)
-        (g,) = torch.autograd.grad(v, x_, probe)
+        if not v.requires_grad:  # a field that ignores x (and has no parameters) is divergence-free
+            return v.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        (g,) = torch.autograd.grad(v, x_, probe, allow_unused=True)
+    if g is None:
+        return v.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     return v.detach(), (g * probe).flatten(1).sum(1)
+
+
+def _uniform_grid(steps: int):
+    """``steps`` equal steps between the first and last time.
+
+    Not torchdiffeq's ``step_size``: that grid fails for t1 < t0 (it flips the times but not the
+    step) and rounding in ``(t1 - t0) / step_size`` can add a zero-length step.
+    """
+
+    def grid(func, y0: Tensor, t: Tensor) -> Tensor:
+        return torch.linspace(float(t[0]), float(t[-1]), steps + 1, dtype=t.dtype, device=t.device)
+
+    return grid
 
 
 def integrate(
@@ -129,7 +150,7 @@ def integrate(
     """
     nfe = 0
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    options = {"step_size": (t1 - t0) / solver.steps} if not solver.adaptive else {}
+    options = {} if solver.adaptive else {"grid_constructor": _uniform_grid(solver.steps)}
     kwargs = {"rtol": solver.rtol, "atol": solver.atol} if solver.adaptive else {}
 
     if divergence is None:
