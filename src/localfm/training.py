@@ -31,7 +31,29 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters became non-finite; the last good checkpoint is kept."""
+    """The loss, the parameters or the pushed pool became non-finite; the last good checkpoint is kept.
+
+    ``block`` (0-based like :attr:`Progress.block`; the message counts from 1 like the CLI) and
+    ``step`` say where (``step=None``: in the pushforward); ``checkpoint`` is the last good
+    checkpoint (or ``None``).
+    """
+
+    def __init__(self, what: str, step: int | None, block: int | None = None, checkpoint: Path | None = None) -> None:
+        self.what, self.step, self.block, self.checkpoint = what, step, block, checkpoint
+        where = f"block {block + 1}" if block is not None else "this block"
+        where += f" at step {step}" if step is not None else " in the pushforward after training"
+        kept = (
+            f"then resume (resume=True / --resume): the last good checkpoint {checkpoint} is kept"
+            if checkpoint is not None
+            else "train with run_dir= and train.checkpoint_every to keep checkpoints to resume from"
+        )
+        super().__init__(
+            f"training diverged in {where}: {what}. Lower train.lr, set train.grad_clip "
+            f"(e.g. 1.0) or add train.warmup steps, {kept}"
+        )
+
+    def at(self, block: int, checkpoint: Path | None) -> TrainingDivergedError:
+        return TrainingDivergedError(self.what, self.step, block, checkpoint)
 
 
 @dataclass
@@ -157,14 +179,11 @@ def train_block(
         since += 1
 
         at_end = state.step >= steps or time.monotonic() >= deadline
+        save_now = checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0
+        if state.step % tc.log_every == 0 or at_end or save_now:  # never checkpoint what has diverged
+            _check_finite(float(loss_sum) / since, params, state.step)
         if state.step % tc.log_every == 0 or at_end:
             mean_loss = float(loss_sum) / since
-            if not math.isfinite(mean_loss) or not all(torch.isfinite(p).all() for p in params):
-                raise TrainingDivergedError(
-                    f"training diverged in block {{block}} at step {state.step}: the loss is {mean_loss}. "
-                    "Lower train.lr, set train.grad_clip (e.g. 1.0) or add train.warmup steps; "
-                    "the last good checkpoint is kept"
-                )
             now = time.perf_counter()
             rate = since * tc.batch_size * K / max(now - t_mark, 1e-9)
             state.seconds = budget_start + time.monotonic() - clock_start
@@ -173,7 +192,7 @@ def train_block(
                 report(state, mean_loss, rate)
             loss_sum.zero_()
             since, t_mark = 0, now
-        if checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0 and not at_end:
+        if save_now and not at_end:
             state.seconds = budget_start + time.monotonic() - clock_start
             checkpoint(state)
     state.seconds = budget_start + time.monotonic() - clock_start
@@ -187,6 +206,13 @@ def train_block(
     return state
 
 
+def _check_finite(mean_loss: float, params: list[Tensor], step: int) -> None:
+    if not math.isfinite(mean_loss):
+        raise TrainingDivergedError(f"the loss is {mean_loss}", step)
+    if not all(torch.isfinite(p).all() for p in params):
+        raise TrainingDivergedError("the network's parameters are not finite", step)
+
+
 @torch.no_grad()
 def push(
     block: Block,
@@ -195,12 +221,17 @@ def push(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
-    """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches."""
+    """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches.
+
+    Raises :class:`TrainingDivergedError` if a pushed point is not finite.
+    """
     out = torch.empty_like(pool)
     for i in range(0, pool.shape[0], batch_size):
         out[i : i + batch_size] = block.forward(pool[i : i + batch_size], solver=solver).x
         if progress is not None:
             progress(min(i + batch_size, pool.shape[0]), pool.shape[0])
+    if not torch.isfinite(out).all():
+        raise TrainingDivergedError("pushing the data through the trained block gave non-finite points", None)
     return out
 
 
@@ -297,22 +328,23 @@ def fit(
     pool = flow.standardizer(x)
     generator = torch.Generator(device).manual_seed(seed)
     start_block, state, used = 0, None, 0.0
-    if resume:
-        saved = runstate.latest(Path(run_dir), cfg, x.shape, net_factory=net_factory, device=device)
-        if saved is not None:
-            flow, start_block, used = saved.flow, saved.block, saved.elapsed
-            pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
-            generator.set_state(saved.generator_state)
-            if saved.net_state is not None:
-                state = runstate.restore_block_state(saved, cfg, dim, seed, net_factory, device, dtype)
-            log.info("resuming at block %d, step %d", start_block, state.step if state else 0)
+    saved = (
+        runstate.latest(Path(run_dir), cfg, x.shape, net_factory=net_factory, device=device, dtype=dtype)
+        if resume
+        else None
+    )
+    if saved is not None:
+        flow, start_block, used, state = saved.flow, saved.block, saved.elapsed, saved.block_state
+        pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
+        generator.set_state(saved.generator_state)
+        log.info("resuming from %s: block %d, step %d", saved.path.name, start_block, saved.step)
+    ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if run_dir is not None else None
     budget = TimeBudget(time_budget, steps, already_used=used)
 
     def emit(**kw) -> None:
         if callback is not None:
             callback(Progress(n_blocks=len(hs), elapsed=budget.used(), **kw))
 
-    ckpt = runstate.Checkpointer(Path(run_dir), cfg) if run_dir is not None else None
     for n in range(start_block, len(hs)):  # data -> noise, one block at a time
         h_n = hs[n]
         if state is None:
@@ -351,17 +383,17 @@ def fit(
                 report=report,
                 checkpoint=save_mid if ckpt else None,
             )
+            flow.append(Block(state.net, h_n))
+            t0 = time.perf_counter()
+            pool = push(
+                flow.blocks[n],
+                pool,
+                cfg.solver,
+                cfg.train.push_batch_size,
+                lambda done, total, n=n: emit(phase="push", block=n, step=done, steps=total),
+            )
         except TrainingDivergedError as err:
-            raise TrainingDivergedError(str(err).replace("{block}", str(n))) from None
-        flow.append(Block(state.net, h_n))
-        t0 = time.perf_counter()
-        pool = push(
-            flow.blocks[n],
-            pool,
-            cfg.solver,
-            cfg.train.push_batch_size,
-            lambda done, total, n=n: emit(phase="push", block=n, step=done, steps=total),
-        )
+            raise err.at(n, ckpt.last if ckpt else None) from None
         flow.training_log.append(
             {
                 "block": n,
