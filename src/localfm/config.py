@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,8 +108,8 @@ class TrainConfig:
         for name in ("warmup", "checkpoint_every", "step_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "step", "cosine"):
             raise ValueError(f"train.lr_schedule must be constant, step or cosine, got {self.lr_schedule!r}")
         if self.lr_schedule == "step" and self.step_size < 1:
@@ -118,7 +120,7 @@ class TrainConfig:
             raise ValueError(f"train.ema must be a decay in (0, 1) or null, got {self.ema}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.weight_decay < 0:
+        if not (0 <= self.weight_decay < math.inf):
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.pairing not in ("dependent", "shuffled", "independent"):
             raise ValueError(f"train.pairing must be dependent, shuffled or independent, got {self.pairing!r}")
@@ -174,6 +176,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
     origin = typing.get_origin(tp)
@@ -210,8 +215,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise TypeError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

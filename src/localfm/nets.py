@@ -44,7 +44,7 @@ class NetConfig:
             raise ValueError(f"net.activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         if self.time_embedding not in ("concat", "fourier"):
             raise ValueError(f"net.time_embedding must be 'concat' or 'fourier', got {self.time_embedding!r}")
-        if self.beta <= 0:
+        if not (0 < self.beta < math.inf):
             raise ValueError(f"net.beta must be > 0, got {self.beta}")
         if self.fourier_features < 1 or self.context_dim < 0:
             raise ValueError("net.fourier_features must be >= 1 and net.context_dim >= 0")
