@@ -41,6 +41,7 @@ def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -83,14 +83,21 @@ def build_power(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     values = np.loadtxt(csv_path, delimiter=",", skiprows=1, usecols=range(1, 8), dtype=np.float64)
     stamps = np.loadtxt(csv_path, delimiter=",", skiprows=1, usecols=0, dtype="S19")
-    digits = stamps.view(np.uint8).reshape(len(stamps), 19).astype(np.int64) - ord("0")
-    minutes = (10 * digits[:, 11] + digits[:, 12]) * 60 + 10 * digits[:, 14] + digits[:, 15]
+    chars = stamps.view(np.uint8).reshape(len(stamps), 19)
+    hh = (chars[:, 11] - 48).astype(np.int64) * 10 + (chars[:, 12] - 48)
+    mm = (chars[:, 14] - 48).astype(np.int64) * 10 + (chars[:, 15] - 48)
     filled = np.zeros(len(values), dtype=bool)
     filled[1440:] = np.all(values[1440:] == values[:-1440], axis=1)
-    data = np.column_stack([values[~filled], minutes[~filled].astype(np.float64)])
+    keep = ~filled
+    data = np.empty((int(keep.sum()), 8))
+    data[:, :7] = values[keep]
+    data[:, 7] = (hh * 60 + mm)[keep]
 
     rng = np.random.RandomState(42)
-    rng.shuffle(data)
+    # same draws and result as MAF's rng.shuffle(data), much faster for 2-D data
+    order = np.arange(len(data))
+    rng.shuffle(order)
+    data = data[order]
     n = data.shape[0]
     data = np.delete(data, 3, axis=1)
     data = np.delete(data, 1, axis=1)  # -> gap, voltage, sm1, sm2, sm3, time
