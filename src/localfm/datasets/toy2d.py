@@ -15,8 +15,9 @@ and ``sample(n, rng)``, and both describe the same distribution exactly (no fitt
   p(x) = 1/4 * 1/5 sum_k sum_roots N(f) / |1 - 0.25 rho sin(alpha) exp(rho cos alpha)|
   for rho <= 6, and 0 beyond.
   Roots are bracketed on a grid of 256 angles and refined by safeguarded Newton to 1e-13 rad.
-  Pairs of roots closer than the grid spacing occur only next to fold caustics of the map,
-  which lie where p is below exp(-17) times its maximum; there the value may miss such a pair.
+  Pairs of roots closer than the grid spacing occur only next to fold caustics of the map
+  (where |f1| exp(f0) = 4, so the Gaussian weight of f is below exp(-17) of its peak);
+  only there may a pair be missed.
 - ``circles`` and ``rings``: uniform measure on circles convolved with N(0, s^2 I); exact
   closed form p(x) = sum_k w_k exp(-(r - R_k)^2 / 2 s^2) i0e(r R_k / s^2) / (2 pi s^2).
 - ``moons``, ``swissroll``, ``2spirals``: the uniform measure (in arc length) on a curve
