@@ -416,3 +416,82 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[boo
     identical = all(torch.equal(a[k], b[k]) for k in a)
     diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     return identical, diff
+
+
+def check_damaged_training_checkpoint(
+    run: Path, cfg: localfm.FlowConfig, shape: tuple[int, ...], seed: int, kind: str, marker: Path
+) -> str:
+    """Damage one checkpoint of the run folder ``run`` (a copy): resuming must pick the newest other
+    one, or the same one only if its content is unchanged (a JSON whitespace flip) or was edited
+    deliberately (checksum recomputed). Returns ``fallback``, ``unchanged``, ``edited`` or ``refused``.
+    """
+    from localfm.runstate import _checkpoints, latest
+
+    rng = random.Random(seed)
+    ckpts = _checkpoints(run / "checkpoints")
+    victim = rng.choice(ckpts)
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    what = damage(rng, victim, "state.json", "state.safetensors", marker, kind)
+    deliberate = what.startswith("edit_json_value_keep_checksum")
+    try:
+        saved = latest(run, cfg, shape, dtype=torch.float64)
+    except ValueError:  # includes CheckpointError: a deliberate edit of the config or the shapes
+        assert deliberate, what
+        outcome = "refused"
+    else:
+        if saved.path == victim:
+            tensors = victim / "state.safetensors"
+            assert tensors.is_file() and tensors.read_bytes() == before["state.safetensors"], what
+            same = json.loads((victim / "state.json").read_bytes()) == json.loads(before["state.json"])
+            assert deliberate or same, what
+            outcome = "unchanged" if same else "edited"
+        else:
+            assert saved.path == (ckpts[0] if victim != ckpts[0] else ckpts[1]), what
+            outcome = "fallback"
+    assert not marker.exists(), "a pickle payload was executed"
+    return outcome
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``localfm ARGS`` in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "localfm.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
+    """Exit status 2 and exactly one line, ``localfm: error: ...``, on stderr; no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("localfm: error: "), proc.stderr[-2000:]
+
+
+def cli_train_case(rng: random.Random, folder: Path) -> int:
+    """``localfm train BAD.yaml --dry-run`` on a malformed config naming a malformed data file."""
+    import yaml
+
+    data = malformed_config(rng)
+    data["data"] = str(malformed_data(rng, folder))  # if the config parses, the data must fail
+    text = malformed_yaml(rng) if rng.random() < 0.5 else yaml.safe_dump(data, allow_unicode=True)
+    (folder / "bad.yaml").write_text(text)
+    proc = cli("train", "bad.yaml", "--out", "run", "--dry-run", cwd=folder)
+    if proc.returncode != 0:  # a config that happens to be valid passes the dry run
+        assert_one_line_error(proc)
+    assert not (folder / "PWNED").exists()
+    return proc.returncode
+
+
+def cli_damaged_model_case(rng: random.Random, model: Path, folder: Path, kind: str, command: str) -> int:
+    """``localfm eval|sample RUN`` on a run whose model folder was damaged."""
+    import shutil
+
+    run = folder / "run"
+    target = shutil.copytree(model, run / "model")
+    marker = folder / "PWNED"
+    damage(rng, target, "flow.json", "model.safetensors", marker, kind)
+    extra = ["-n", "5", "--out", str(folder / "s.npy")] if command == "sample" else []
+    proc = cli(command, str(run), *extra, cwd=folder)
+    if not (command == "sample" and proc.returncode == 0):  # benign damage: sampling works
+        assert_one_line_error(proc)
+    assert not marker.exists(), "a pickle payload was executed"
+    return proc.returncode

@@ -22,7 +22,7 @@ import localfm
 from localfm.runstate import _checkpoints
 
 KILL_SEED = 20241003
-N_KILLS = 6
+N_KILLS = 5
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):

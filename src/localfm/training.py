@@ -318,8 +318,8 @@ def fit(
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     x = check_data(x_train, "x_train").to(device, dtype)
-    if x.shape[0] < 2:
-        raise ValueError(f"x_train needs at least 2 points, got {x.shape[0]}")
+    if x.shape[0] < 2 or x[0].numel() == 0:
+        raise ValueError(f"x_train needs at least 2 points with at least one coordinate, got shape {tuple(x.shape)}")
     hs = cfg.blocks.steps()
     steps = cfg.train.steps_for(len(hs))
     dim = x.shape[1] if x.dim() == 2 else tuple(x.shape[1:])
