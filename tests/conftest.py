@@ -14,6 +14,9 @@ from localfm.flow import Block, LocalFlow, Standardizer
 from localfm.nets import MLP, NetConfig
 from localfm.ode import SolverConfig
 
+# The tests use tiny tensors: one thread is faster, and much faster on a shared, busy machine.
+torch.set_num_threads(1)
+
 TIGHT = SolverConfig("dopri5", rtol=1e-9, atol=1e-9)
 
 

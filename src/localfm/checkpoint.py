@@ -314,4 +314,4 @@ def flow_from_state(
         flow.blocks.to(next(iter(dtypes)))
     flow.load_state_dict(tensors)
     flow.training_log = training_log
-    return flow.to(map_location)
+    return flow.to(map_location).eval()  # as fit returns it: dropout or batch-norm nets in inference mode
