@@ -1,0 +1,298 @@
+"""The ``localfm`` command line: a thin layer that parses, validates and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+EXAMPLES = {
+    "demo": "localfm demo                      # tree density, report in runs/demo\n"
+    "  localfm demo --out runs/mine --time-budget 120",
+    "train": "localfm train configs/tree_cpu.yaml --out runs/tree\n"
+    "  localfm train configs/power_cpu.yaml --set train.lr=3e-4 --set blocks.L=2\n"
+    "  localfm train configs/power_cpu.yaml --out runs/power --resume\n"
+    "  localfm train configs/gas.yaml --set data_root=~/maf-data --dry-run",
+    "sample": "localfm sample runs/tree -n 10000 --out samples.npy",
+    "eval": "localfm eval runs/tree\n  localfm eval runs/power --split test --max-points 20000",
+    "plot": "localfm plot runs/tree",
+    "report": "localfm report runs/tree",
+    "datasets": "localfm datasets",
+}
+
+
+class UsageError(Exception):
+    """A user error that the CLI reports in one line with exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="localfm",
+        description="Local Flow Matching generative models: train, sample, evaluate, plot.",
+        epilog="Run 'localfm COMMAND --help' for each command's options and examples.",
+    )
+    p.add_argument("--version", action="version", version=f"localfm {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog="examples:\n  " + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    d = add("demo", "train a small LFM on the 2-D tree density and write a report")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--time-budget", type=float, default=None, help="training seconds (default: the demo config's)")
+    d.add_argument("--quick", action="store_true", help="a 30-second smoke version")
+
+    t = add("train", "train an LFM from a YAML config into a run folder")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. train.lr=3e-4 (repeatable)",
+    )
+    t.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    t.add_argument("--time-budget", type=float, default=None, help="wall-clock seconds for the whole run")
+    t.add_argument("--no-eval", action="store_true", help="skip evaluation, plots and report after training")
+
+    s = add("sample", "draw samples from a trained run (data units)")
+    s.add_argument("run", help="run folder")
+    s.add_argument("-n", type=int, required=True, help="number of samples")
+    s.add_argument("--out", default=None, help="output .npy or .csv (default: RUN/samples.npy)")
+    s.add_argument("--seed", type=int, default=0)
+
+    e = add("eval", "test NLL with standard error, sample metrics; writes RUN/metrics.json")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--max-points", type=int, default=None, help="evaluate on a random subset of this size")
+    e.add_argument("--n-samples", type=int, default=10_000, help="samples for energy distance and MMD")
+    e.add_argument("--seed", type=int, default=0)
+
+    pl = add("plot", "write the figures of a run into RUN/plots")
+    pl.add_argument("run", help="run folder")
+    pl.add_argument("--n-samples", type=int, default=20_000)
+
+    r = add("report", "write RUN/report.md and RUN/report.html from metrics and plots")
+    r.add_argument("run", help="run folder")
+
+    add("datasets", "list the datasets localfm knows, with shapes, splits and sources")
+    return p
+
+
+def _progress_bar():
+    """A tqdm bar per block showing loss, samples/s and time left; closes itself at block ends."""
+    from tqdm.auto import tqdm
+
+    state = {"bar": None, "key": None}
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    def callback(p) -> None:
+        key = (p.phase, p.block)
+        if p.phase == "done":
+            close()
+            return
+        if state["key"] != key:
+            close()
+            desc = f"block {p.block + 1}/{p.n_blocks} " + ("train" if p.phase == "train" else "push ")
+            state["bar"] = tqdm(
+                total=p.steps,
+                desc=desc,
+                unit="step" if p.phase == "train" else "pt",
+                unit_scale=p.phase == "push",
+                leave=True,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            state["key"] = key
+        bar = state["bar"]
+        bar.n = p.step
+        if p.phase == "train":
+            bar.set_postfix(
+                loss=f"{p.loss:.4f}", rate=f"{p.samples_per_s / 1e3:.0f}k/s", left=f"{p.eta:.0f}s", refresh=False
+            )
+        bar.refresh()
+
+    return callback
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def _after_training(run: Path, *, quick: bool = False) -> None:
+    from .runs import evaluate_run, plot_run, write_report
+
+    print("evaluating on the test split ...", file=sys.stderr)
+    m = evaluate_run(run, max_points=5_000 if quick else None, n_samples=2_000 if quick else 10_000)
+    plot_run(run, n_samples=5_000 if quick else 20_000)
+    md, html = write_report(run)
+    rows = [("test NLL", f"{m['nll']:.4f} ± {m['nll_se']:.4f} nats")]
+    if "true_entropy" in m:
+        rows += [("true entropy", f"{m['true_entropy']:.4f} nats"), ("gap", f"{m['gap']:.4f} nats")]
+    if "energy_distance" in m:
+        rows.append(("energy distance", f"{m['energy_distance']:.5f}"))
+    rows += [("report", str(html)), ("", str(md))]
+    _print_table(rows)
+
+
+def _summary(flow) -> None:
+    rows = []
+    for r in flow.training_log:
+        h = "free" if r["h"] is None else f"h={r['h']:.4g}"
+        loss = r["losses"][-1][1] if r["losses"] else float("nan")
+        rows.append(
+            (
+                f"block {r['block'] + 1} ({h})",
+                f"{r['steps']} steps, {r['train_seconds']:.1f} s + push {r['push_seconds']:.1f} s, loss {loss:.4f}",
+            )
+        )
+    _print_table(rows)
+
+
+def cmd_train(args) -> None:
+    from .config import load_config, to_dict
+    from .runs import train_run
+
+    cfg = load_config(args.config, tuple(args.overrides))
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.dry_run:
+        import yaml
+
+        from .runs import load_run_data
+
+        ds = load_run_data(cfg)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(f"# data: {ds.name}, {ds.kind}, splits {ds.sizes}, dimension {ds.dim}")
+        print(f"# blocks: {cfg.blocks.steps()}  run folder: {out}  (dry run: nothing trained)")
+        return
+    t0 = time.perf_counter()
+    flow, run = train_run(cfg, out, resume=args.resume, time_budget=args.time_budget, callback=_progress_bar())
+    print(f"trained {len(flow)} blocks in {time.perf_counter() - t0:.0f} s; model in {run / 'model'}")
+    _summary(flow)
+    if not args.no_eval:
+        _after_training(run)
+
+
+def cmd_demo(args) -> None:
+    from .runs import train_run
+
+    cfg_path = Path(__file__).with_name("demo.yaml")
+    overrides = ("train.steps=300", "blocks.L=2", "net.width=64") if args.quick else ()
+    budget = args.time_budget if args.time_budget is not None else (20.0 if args.quick else None)
+    out = Path(args.out)
+    print(f"localfm demo: training an LFM on the 2-D tree density into {out}", file=sys.stderr)
+    t0 = time.perf_counter()
+    flow, run = train_run(
+        cfg_path,
+        out,
+        overrides=overrides,
+        time_budget=budget,
+        callback=_progress_bar(),
+        resume=(out / "checkpoints").exists() and not (out / "model").exists(),
+    )
+    _summary(flow)
+    _after_training(run, quick=args.quick)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s. Open {run / 'report.html'}")
+
+
+def cmd_sample(args) -> None:
+    from .runs import sample_run
+
+    if args.n < 1:
+        raise UsageError(f"-n must be a positive number of samples, got {args.n}")
+    x, out = sample_run(args.run, args.n, args.out, seed=args.seed)
+    print(f"wrote {len(x):,} samples of dimension {x.shape[1]} to {out}")
+
+
+def cmd_eval(args) -> None:
+    from .runs import evaluate_run
+
+    m = evaluate_run(args.run, split=args.split, max_points=args.max_points, n_samples=args.n_samples, seed=args.seed)
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items()]
+    _print_table(rows)
+    print(f"wrote {Path(args.run) / 'metrics.json'}")
+
+
+def cmd_plot(args) -> None:
+    from .runs import plot_run
+
+    for path in plot_run(args.run, n_samples=args.n_samples):
+        print(path)
+
+
+def cmd_report(args) -> None:
+    from .runs import write_report
+
+    for path in write_report(args.run):
+        print(path)
+
+
+def cmd_datasets(args) -> None:
+    from .datasets import list_datasets
+
+    infos = list_datasets()
+    header = ("name", "kind", "dim", "train / val / test", "source")
+    rows = []
+    for info in infos:
+        sizes = " / ".join(f"{s:,}" for s in info.sizes) if getattr(info, "sizes", None) else "from your files"
+        rows.append((info.name, info.kind, str(info.dim or "any"), sizes, info.source))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "report": cmd_report,
+    "datasets": cmd_datasets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .checkpoint import CheckpointError
+    from .training import TrainingDivergedError
+
+    try:
+        COMMANDS[args.command](args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, TrainingDivergedError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"localfm: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("localfm: interrupted; the last checkpoint is kept (use --resume to continue)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Run folders: train a config into a folder, then evaluate, plot and report from it.
+
+A run folder holds ``config.yaml`` (the resolved config), ``run.json`` (package version, git
+revision, command, dataset), ``checkpoints/``, ``model/`` (the final flow), ``log.jsonl``
+(progress events), ``metrics.json``, ``plots/`` and ``report.md`` / ``report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .checkpoint import atomic_write_bytes, load, read_json, save, write_json
+from .config import FlowConfig, load_config, to_dict
+from .flow import LocalFlow
+from .metrics import energy_distance, mmd, nll_summary
+from .training import Progress, fit
+
+__all__ = ["train_run", "evaluate_run", "plot_run", "write_report", "sample_run", "load_run_data", "git_revision"]
+
+log = logging.getLogger(__name__)
+
+
+def git_revision() -> str | None:
+    """The git revision of the source tree localfm runs from, or None outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_run_data(cfg: FlowConfig):
+    """The dataset a config names (``cfg.data``), loaded with ``cfg.data_root``."""
+    from . import datasets
+
+    if not cfg.data:
+        raise ValueError("the config names no data: set data: <dataset name or file path>")
+    return datasets.load(cfg.data, root=cfg.data_root, seed=cfg.seed)
+
+
+def train_run(
+    config: FlowConfig | str | Path | dict | None,
+    out: str | Path,
+    *,
+    overrides: tuple[str, ...] = (),
+    resume: bool = False,
+    time_budget: float | None = None,
+    callback: Callable[[Progress], None] | None = None,
+) -> tuple[LocalFlow, Path]:
+    """Train the config into the run folder ``out`` and save the final model in ``out/model``."""
+    cfg = load_config(config, overrides)
+    out = Path(out)
+    if out.exists() and (out / "model").exists() and not resume:
+        raise ValueError(f"run folder {out} already holds a trained model; choose another --out or pass --resume")
+    if resume and (out / "config.yaml").exists():
+        saved = load_config(out / "config.yaml")
+        if saved != cfg:
+            raise ValueError(f"--resume: the config differs from the run's own {out / 'config.yaml'}")
+    ds = load_run_data(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    info = {
+        "localfm_version": __version__,
+        "git_revision": git_revision(),
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "dataset": {"name": ds.name, "kind": ds.kind, "source": ds.source, "sizes": list(ds.sizes)},
+        "time_budget": time_budget,
+    }
+    write_json(out / "run.json", info)
+    log_file = (out / "log.jsonl").open("a")
+
+    def on_progress(p: Progress) -> None:
+        if p.phase != "push" or p.step == p.steps:
+            log_file.write(json.dumps(p.__dict__) + "\n")
+            log_file.flush()
+        if callback is not None:
+            callback(p)
+
+    t0 = time.perf_counter()
+    try:
+        flow = fit(
+            torch.from_numpy(ds.train), cfg, time_budget=time_budget, callback=on_progress, run_dir=out, resume=resume
+        )
+    finally:
+        log_file.close()
+    info["train_seconds"] = time.perf_counter() - t0
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    save(flow, out / "model")
+    write_json(out / "run.json", info)
+    return flow, out
+
+
+def _flow_of(run: Path) -> LocalFlow:
+    run = Path(run)
+    if not (run / "model").is_dir():
+        raise FileNotFoundError(f"{run} is not a finished run: no model/ folder (train it with localfm train)")
+    return load(run / "model")
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    split: str = "test",
+    max_points: int | None = None,
+    n_samples: int = 10_000,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Test NLL (nats, with standard error), bits/dim for images, and sample metrics; writes metrics.json."""
+    run = Path(run)
+    flow = _flow_of(run)
+    cfg = flow.config
+    ds = load_run_data(cfg)
+    x = ds.split(split)
+    if max_points is not None and max_points < len(x):
+        x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    lp = flow.log_prob(torch.from_numpy(x), generator=g, progress=progress)
+    metrics: dict[str, Any] = {"split": split, **nll_summary(lp), "log_prob_seconds": time.perf_counter() - t0}
+    if ds.kind == "image":
+        metrics["bits_per_dim"] = (metrics["nll"] / flow.dim + math.log(128)) / math.log(2)
+    if ds.log_prob is not None and ds.sampler is not None:
+        from .datasets import true_entropy
+
+        h = true_entropy(ds, n=100_000, seed=seed)
+        metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
+    t0 = time.perf_counter()
+    samples = flow.sample(n_samples, generator=torch.Generator().manual_seed(seed + 1))
+    metrics["sample_seconds"] = time.perf_counter() - t0
+    ref = torch.from_numpy(ds.test[:n_samples]).double()
+    if ds.kind != "image":
+        metrics["energy_distance"] = energy_distance(samples[: len(ref)], ref)
+        metrics["mmd"] = mmd(samples[: len(ref)], ref)
+    metrics["parameters"] = sum(p.numel() for p in flow.parameters())
+    metrics["blocks"] = len(flow)
+    metrics["dataset"] = ds.name
+    write_json(run / "metrics.json", metrics)
+    return metrics
+
+
+def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: int = 0) -> tuple[np.ndarray, Path]:
+    """``n`` samples in data units, written to ``out`` (.npy or .csv; default run/samples.npy)."""
+    run = Path(run)
+    flow = _flow_of(run)
+    out = Path(out) if out is not None else run / "samples.npy"
+    if out.suffix not in (".npy", ".csv"):
+        raise ValueError(f"--out must end in .npy or .csv, got {out.name}")
+    x = flow.sample(n, generator=torch.Generator().manual_seed(seed)).double().numpy()
+    if out.suffix == ".npy":
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, x)
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        lines = [",".join(f"x{i}" for i in range(x.shape[1]))] + [
+            ",".join(f"{v:.9g}" for v in row) for row in x.reshape(len(x), -1)
+        ]
+        atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    return x, out
+
+
+def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list[Path]:
+    """All figures of a run into ``run/plots``; returns their paths."""
+    from . import plots
+
+    run = Path(run)
+    flow = _flow_of(run)
+    ds = load_run_data(flow.config)
+    folder = run / "plots"
+    folder.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    made = [plots.plot_losses(flow.training_log, folder / "losses.png")]
+    if ds.kind == "image":
+        return made
+    samples = flow.sample(n_samples, generator=g).double().numpy()
+    test = ds.test[:n_samples].astype(np.float64)
+    if flow.dim == 2:
+        box = plots.box_2d(test)
+        made.append(plots.plot_samples_2d(samples, test, folder / "samples.png", box))
+        m = min(len(test), 10_000)
+        enc = flow.encode(torch.from_numpy(test[:m]), return_path=True)
+        enc_path = [p.double().numpy() for p in enc.path]
+        enc_path[0] = test[:m]
+        dec = flow.decode(torch.randn(m, 2, generator=g), return_path=True)
+        u = [p.double().numpy() for p in dec.path]
+        # Intermediate points are shown in the standardised space where the blocks act.
+        std = flow.standardizer
+        dec_path = [u[0]] + [std(torch.from_numpy(p)).numpy() for p in u[1:-1]] + [u[-1]]
+        made.append(plots.plot_block_paths(enc_path, dec_path, folder / "blocks.png", box))
+        made.append(
+            plots.plot_density_2d(
+                lambda grid: flow.log_prob(torch.from_numpy(grid)).double().numpy(),
+                folder / "density.png",
+                box,
+                ds.log_prob,
+            )
+        )
+    else:
+        made.append(plots.plot_marginals(samples, test, folder / "marginals.png"))
+    return made
+
+
+def write_report(run: str | Path) -> tuple[Path, Path]:
+    """``report.md`` and ``report.html`` with the figures and numbers of a run."""
+    run = Path(run)
+    info = read_json(run / "run.json") if (run / "run.json").exists() else {}
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").exists() else {}
+    flow = _flow_of(run)
+    rows = [("dataset", metrics.get("dataset", info.get("dataset", {}).get("name")))]
+    if "nll" in metrics:
+        rows.append(("test NLL (nats)", f"{metrics['nll']:.4f} ± {metrics['nll_se']:.4f} ({metrics['n']:,} points)"))
+    if "true_entropy" in metrics:
+        rows.append(("true entropy (nats)", f"{metrics['true_entropy']:.4f} ± {metrics['true_entropy_se']:.4f}"))
+        rows.append(("gap NLL − entropy (≈ KL)", f"{metrics['gap']:.4f}"))
+    if "bits_per_dim" in metrics:
+        rows.append(("bits/dim", f"{metrics['bits_per_dim']:.4f}"))
+    for key, label in [("energy_distance", "energy distance (samples vs test)"), ("mmd", "MMD² (samples vs test)")]:
+        if key in metrics:
+            rows.append((label, f"{metrics[key]:.5f}"))
+    train_s = sum(r["train_seconds"] for r in flow.training_log)
+    push_s = sum(r["push_seconds"] for r in flow.training_log)
+    rows += [
+        ("blocks", f"{len(flow)} ({', '.join('free' if b.h is None else f'{b.h:.3g}' for b in flow.blocks)})"),
+        ("parameters", f"{sum(p.numel() for p in flow.parameters()):,}"),
+        ("training time", f"{train_s:.1f} s training + {push_s:.1f} s pushforward"),
+        ("localfm", f"{info.get('localfm_version', __version__)} (git {info.get('git_revision')})"),
+    ]
+    figures = [
+        p
+        for p in ["samples.png", "blocks.png", "density.png", "marginals.png", "losses.png"]
+        if (run / "plots" / p).exists()
+    ]
+    md = ["# localfm run report", "", f"Run folder: `{run.name}`", "", "| quantity | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    md += [""] + [f"![{f}](plots/{f})\n" for f in figures]
+    blocks = ["| block | h | steps | train s | push s | final loss |", "|---|---|---|---|---|---|"]
+    for r in flow.training_log:
+        final = r["losses"][-1][1] if r["losses"] else float("nan")
+        h = "free" if r["h"] is None else f"{r['h']:.4g}"
+        blocks.append(
+            f"| {r['block'] + 1} | {h} | {r['steps']} | {r['train_seconds']:.1f} | {r['push_seconds']:.1f} | {final:.4f} |"
+        )
+    md += ["## Blocks", ""] + blocks
+    md_path = run / "report.md"
+    atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode())
+    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    imgs = "".join(
+        f'<figure><img src="plots/{f}" style="max-width:100%"><figcaption>{f}</figcaption></figure>' for f in figures
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>localfm report</title></head>"
+        f"<body style='font-family:sans-serif;max-width:1100px;margin:auto'><h1>localfm run report</h1>"
+        f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{body}</table>{imgs}</body></html>"
+    )
+    html_path = run / "report.html"
+    atomic_write_bytes(html_path, page.encode())
+    return md_path, html_path
