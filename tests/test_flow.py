@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import F64, TIGHT, make_gen, randn, random_flow
@@ -195,9 +196,13 @@ def test_bad_inputs_raise():
         flow.log_prob(torch.zeros(2, 3, dtype=torch.complex128))
     with pytest.raises(ValueError, match="divergence"):
         flow.log_prob(torch.zeros(2, 3, dtype=F64), divergence="trace")
-    for n in (0, -1, 2.0, True):
+    for n in (0, -1):
         with pytest.raises(ValueError, match="n must be a positive integer"):
             flow.sample(n)
+    for n in (2.0, True, "3", None):
+        with pytest.raises(TypeError, match="n must be a positive integer"):
+            flow.sample(n)
+    assert flow.sample(np.int64(3)).shape == (3, 3)
     with pytest.raises(ValueError, match="scale"):
         Standardizer(torch.zeros(2, dtype=F64), torch.tensor([1.0, 0.0], dtype=F64))
 

@@ -74,6 +74,15 @@ def test_beta_time_moments_and_law(a, b):
     assert stats.kstest(t.numpy(), stats.beta(a, b).cdf).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_beta_time_with_small_parameters_stays_finite(dtype):
+    """Gamma draws of shape << 1 underflow; the Beta draws must not turn into 0 / 0."""
+    t = TimeSampler("beta", 0.02, 0.02).sample(100_000, generator=make_gen(5), dtype=dtype)
+    assert t.dtype == dtype and torch.isfinite(t).all()
+    assert float(t.min()) >= 0 and float(t.max()) <= 1
+    assert abs(float(t.double().mean()) - 0.5) < 4 * math.sqrt(0.25 / t.numel())
+
+
 def test_uniform_time_law():
     n = 100_000
     t = TimeSampler().sample(n, generator=make_gen(4), dtype=F64)

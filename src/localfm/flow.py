@@ -11,6 +11,7 @@ with ``z`` the code of ``x`` and ``scale`` the per-coordinate standardisation.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -369,8 +370,11 @@ class LocalFlow(nn.Module):
         with_log_prob: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         """Samples and their log-density, in one inverse solve per block."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # numpy integers are fine
+            raise TypeError(f"n must be a positive integer, got {type(n).__name__} {n!r}")
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"n must be a positive integer, got {n}")
         z = torch.randn(
             (n, *self.event_shape),
             generator=generator,

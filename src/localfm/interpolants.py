@@ -100,14 +100,15 @@ class TimeSampler:
         if self.dist == "uniform":
             return u
         # torch.distributions cannot take a generator, so Beta(a, b) = X / (X + Y) with
-        # X ~ Gamma(a), Y ~ Gamma(b), both drawn from our seeded generator.
-        x = _gamma(self.a, n, generator, u.device, u.dtype)
-        y = _gamma(self.b, n, generator, u.device, u.dtype)
-        return x / (x + y)
+        # X ~ Gamma(a), Y ~ Gamma(b), both drawn from our seeded generator. In float64 and as
+        # sigmoid(log X - log Y): Gamma draws with a shape << 1 underflow, and 0 / 0 is NaN.
+        log_x = _log_gamma(self.a, n, generator, u.device, torch.float64)
+        log_y = _log_gamma(self.b, n, generator, u.device, torch.float64)
+        return torch.sigmoid(log_x - log_y).to(u.dtype)
 
 
-def _gamma(shape: float, n: int, generator: torch.Generator, device, dtype) -> Tensor:
-    """Gamma(shape, 1) draws from a seeded generator (Marsaglia-Tsang, with boost for shape<1)."""
+def _log_gamma(shape: float, n: int, generator: torch.Generator, device, dtype) -> Tensor:
+    """Logs of Gamma(shape, 1) draws from a seeded generator (Marsaglia-Tsang, boosted for shape < 1)."""
     boost = shape < 1
     k = shape + 1 if boost else shape
     d = k - 1 / 3
@@ -123,7 +124,8 @@ def _gamma(shape: float, n: int, generator: torch.Generator, device, dtype) -> T
         acc = (d * v)[ok][: n - filled]
         out[filled : filled + acc.numel()] = acc
         filled += acc.numel()
-    if boost:
+    out = out.log()
+    if boost:  # Gamma(shape) = Gamma(shape + 1) * U^(1 / shape)
         u = torch.rand(n, generator=generator, device=device, dtype=dtype)
-        out = out * u ** (1 / shape)
+        out = out + u.log() / shape
     return out
