@@ -33,6 +33,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         outcome = cases.run_target(run_dir, kind, arg)
         outcomes.append(outcome)
         assert cases.check_run_dir(run_dir) == [], outcome
+        if outcome.kind == "write" and outcome.killed:  # the kill left a half-written temporary file
+            assert cases.partial_writes(run_dir) > 0, outcome
     writes_cut = [o for o in outcomes if o.kind == "write" and o.killed]
     assert sum(o.killed for o in outcomes) >= N_KILLS - 2, outcomes  # a late kill may find the run finished
     assert writes_cut, "no kill landed inside a checkpoint write"

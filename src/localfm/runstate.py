@@ -185,6 +185,7 @@ def _remove(path: Path) -> None:
     """Delete a file or folder; a folder is first renamed aside so it never appears half-deleted."""
     if path.is_dir():
         aside = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(aside, ignore_errors=True)  # what an earlier interrupted deletion left
         os.replace(path, aside)
         shutil.rmtree(aside, ignore_errors=True)
     else:
