@@ -109,7 +109,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"train.lr must be > 0 and finite, got {self.lr}")
         if self.lr_schedule not in ("constant", "step", "cosine"):
             raise ValueError(f"train.lr_schedule must be constant, step or cosine, got {self.lr_schedule!r}")
         if self.lr_schedule == "step" and self.step_size < 1:
