@@ -197,8 +197,9 @@ def cmd_demo(args) -> None:
     from .runs import train_run
 
     cfg_path = Path(__file__).with_name("demo.yaml")
-    overrides = ("train.steps=300", "blocks.L=2", "net.width=64") if args.quick else ()
-    budget = args.time_budget if args.time_budget is not None else (20.0 if args.quick else None)
+    quick = ("train.steps=200", "blocks.L=2", "net.width=64", "solver.method=rk4", "solver.steps=4")
+    overrides = quick if args.quick else ()
+    budget = args.time_budget
     out = Path(args.out)
     print(f"localfm demo: training an LFM on the 2-D tree density into {out}", file=sys.stderr)
     t0 = time.perf_counter()

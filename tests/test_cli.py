@@ -1,0 +1,131 @@
+"""The command line, run as a user runs it: real subprocesses on a real (small) training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ROOT / "configs" / "small_cpu.yaml"
+
+
+def localfm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "localfm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"localfm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One small run made by `localfm train`, shared by the command tests below."""
+    work = tmp_path_factory.mktemp("cli")
+    out = work / "run"
+    proc = localfm("train", str(SMALL), "--out", str(out), "--set", "train.steps=150", "--no-eval", cwd=work)
+    assert "trained 3 blocks" in proc.stdout
+    return out
+
+
+def test_train_writes_a_complete_run_folder(run: Path) -> None:
+    for name in ["config.yaml", "run.json", "log.jsonl", "model/flow.json", "model/model.safetensors"]:
+        assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["dataset"]["name"] == "8gaussians" and info["train_seconds"] > 0
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {e["phase"] for e in events} >= {"train", "push", "done"}
+    assert any((run / "checkpoints").iterdir())
+
+
+def test_eval_writes_metrics(run: Path) -> None:
+    proc = localfm("eval", str(run), "--max-points", "2000", "--n-samples", "1000", cwd=run.parent)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n"] == 2000 and np.isfinite(m["nll"]) and m["nll_se"] > 0
+    # 8gaussians has an exact density: the gap to the true entropy is reported, and a short run
+    # is above the entropy (a model cannot beat the truth by more than noise).
+    assert m["gap"] > -3 * (m["nll_se"] + m["true_entropy_se"])
+    assert m["energy_distance"] >= -0.01 and "metrics.json" in proc.stdout
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_sample_in_data_units(run: Path, suffix: str) -> None:
+    out = run.parent / f"s{suffix}"
+    localfm("sample", str(run), "-n", "500", "--out", str(out), cwd=run.parent)
+    x = np.load(out) if suffix == ".npy" else np.loadtxt(out, delimiter=",", skiprows=1)
+    assert x.shape == (500, 2) and np.isfinite(x).all()
+    # 8gaussians lives on a circle of radius 2*sqrt(2): samples in data units, not standardised.
+    r = np.linalg.norm(x, axis=1)
+    assert 1.5 < np.median(r) < 4.0
+
+
+def test_plot_and_report(run: Path) -> None:
+    proc = localfm("plot", str(run), "--n-samples", "2000", cwd=run.parent)
+    for name in ["samples.png", "blocks.png", "density.png", "losses.png"]:
+        path = run / "plots" / name
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert str(path) in proc.stdout
+    localfm("report", str(run), cwd=run.parent)
+    md = (run / "report.md").read_text()
+    assert "plots/samples.png" in md and "| blocks |" in md
+    assert "<img" in (run / "report.html").read_text()
+
+
+def test_resume_continues_a_finished_run_without_retraining(run: Path, tmp_path: Path) -> None:
+    proc = localfm("train", str(SMALL), "--out", str(run), "--set", "train.steps=150", "--resume", "--no-eval",
+                   cwd=tmp_path)
+    assert "trained 3 blocks" in proc.stdout
+
+
+def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path: Path) -> None:
+    proc = localfm("train", str(SMALL), "--set", "train.lr=3e-4", "--dry-run", "--out", str(tmp_path / "r"),
+                   cwd=tmp_path)
+    assert "lr: 0.0003" in proc.stdout and "dry run" in proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_datasets_lists_every_kind(tmp_path: Path) -> None:
+    out = localfm("datasets", cwd=tmp_path).stdout
+    for name in ["tree", "rose", "8gaussians", "power", "gas", "miniboone", "bsds300", "fashion-mnist"]:
+        assert name in out
+
+
+def test_version_and_help(tmp_path: Path) -> None:
+    assert localfm("--version", cwd=tmp_path).stdout.startswith("localfm ")
+    for cmd in ["demo", "train", "sample", "eval", "plot", "report", "datasets"]:
+        out = localfm(cmd, "--help", cwd=tmp_path).stdout
+        assert "examples:" in out, cmd
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "missing.yaml"], "config file not found"),
+        (["train", str(SMALL), "--set", "train.stesp=3", "--dry-run"], "did you mean 'steps'"),
+        (["train", str(SMALL), "--set", "train.lr=-1", "--dry-run"], "train.lr must be > 0"),
+        (["train", str(SMALL), "--set", "data=nosuchdata", "--dry-run"], "nosuchdata"),
+        (["eval", "no_such_run"], "not a finished run"),
+        (["sample", "no_such_run", "-n", "3"], "not a finished run"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = localfm(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("localfm: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_quick_writes_a_report(tmp_path: Path) -> None:
+    proc = localfm("demo", "--quick", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert (tmp_path / "demo" / "report.html").is_file()
+    assert "report.html" in proc.stdout
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert m["dataset"] == "tree" and np.isfinite(m["nll"])
