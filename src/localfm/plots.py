@@ -87,7 +87,7 @@ def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution
     if true_log_prob is not None:
         panels.insert(0, ("true density", np.asarray(true_log_prob(grid))))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
-    for ax, (title, lp) in zip(axes[0], panels):
+    for ax, (title, lp) in zip(axes[0], panels, strict=False):
         ax.imshow(np.exp(lp).reshape(resolution, resolution), origin="lower", extent=box, cmap="magma")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
@@ -101,7 +101,7 @@ def plot_losses(training_log: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for rec in training_log:
         if rec.get("losses"):
-            steps, losses = zip(*rec["losses"])
+            steps, losses = zip(*rec["losses"], strict=True)
             label = "free block" if rec["h"] is None else f"block {rec['block'] + 1} (h={rec['h']:.3g})"
             ax.plot(steps, losses, label=label, lw=1.2)
     ax.set_xlabel("step")

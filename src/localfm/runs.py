@@ -261,7 +261,8 @@ def write_report(run: str | Path) -> tuple[Path, Path]:
         final = r["losses"][-1][1] if r["losses"] else float("nan")
         h = "free" if r["h"] is None else f"{r['h']:.4g}"
         blocks.append(
-            f"| {r['block'] + 1} | {h} | {r['steps']} | {r['train_seconds']:.1f} | {r['push_seconds']:.1f} | {final:.4f} |"
+            f"| {r['block'] + 1} | {h} | {r['steps']} | {r['train_seconds']:.1f} "
+            f"| {r['push_seconds']:.1f} | {final:.4f} |"
         )
     md += ["## Blocks", ""] + blocks
     md_path = run / "report.md"

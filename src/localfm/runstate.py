@@ -99,7 +99,11 @@ class Checkpointer:
         if resumed_from is not None:
             # Newer checkpoints were skipped as damaged; keep them for inspection, out of the way.
             for d in found[: found.index(resumed_from.path)] if resumed_from.path in found else []:
-                os.replace(d, d.with_name(f"damaged-{d.name}"))
+                aside = d.with_name(f"damaged-{d.name}")
+                if aside.exists():
+                    _remove(aside)
+                os.replace(d, aside)
+                log.warning("moved the damaged checkpoint %s aside to %s", d.name, aside.name)
         self.last: Path | None = resumed_from.path if resumed_from is not None else None
 
     def _pool_file(self, block: int, pool: Tensor) -> tuple[str, str]:
