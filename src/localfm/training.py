@@ -282,6 +282,66 @@ def fresh_net(dim, cfg: FlowConfig, seed: int, net_factory=None) -> nn.Module:
         return (net_factory or (lambda d, c: build_net(d, c.net)))(dim, cfg)
 
 
+@dataclass
+class _BlockHooks:
+    """Progress reports, checkpoints and the training record of block ``n`` inside ``fit``."""
+
+    n: int
+    steps: int
+    cfg: FlowConfig
+    emit: Callable[..., None]
+    ckpt: object
+    flow: LocalFlow
+    pool: Tensor
+    generator: torch.Generator
+    budget: TimeBudget
+
+    def callbacks(self, deadline: float) -> dict:
+        """The ``deadline``, ``report`` and ``checkpoint`` arguments of :func:`train_block`."""
+        return {
+            "deadline": deadline,
+            "report": self.report(deadline),
+            "checkpoint": self.checkpoint if self.ckpt else None,
+        }
+
+    def report(self, deadline: float) -> Callable[[BlockState, float, float], None]:
+        tc = self.cfg.train
+
+        def report(s: BlockState, loss: float, rate: float) -> None:
+            left = (self.steps - s.step) * tc.batch_size * tc.draws_per_pair / max(rate, 1e-9)
+            if math.isfinite(deadline):
+                left = min(left, max(0.0, deadline - time.monotonic()))
+            lr = s.optimizer.param_groups[0]["lr"]
+            self.emit(
+                phase="train",
+                block=self.n,
+                step=s.step,
+                steps=self.steps,
+                loss=loss,
+                lr=lr,
+                samples_per_s=rate,
+                eta=left,
+            )
+
+        return report
+
+    def checkpoint(self, s: BlockState) -> None:
+        self.ckpt.save(self.flow, self.n, self.pool, self.generator, self.budget.used(), s)
+
+    def push_progress(self, done: int, total: int) -> None:
+        self.emit(phase="push", block=self.n, step=done, steps=total)
+
+    def record(self, h: float | None, s: BlockState, push_seconds: float) -> dict:
+        return {
+            "block": self.n,
+            "h": h,
+            "steps": s.step,
+            "train_seconds": s.seconds,
+            "push_seconds": push_seconds,
+            "losses": s.losses,
+        }
+
+
 def fit(
     x_train,
     config: FlowConfig | str | Path | dict | None = None,
@@ -327,17 +387,17 @@ def fit(
     flow = LocalFlow(x.shape[1:], [], Standardizer.fit(x, per_coordinate=x.dim() == 2), cfg.solver, cfg).to(device)
     pool = flow.standardizer(x)
     generator = torch.Generator(device).manual_seed(seed)
-    start_block, state, used = 0, None, 0.0
+    first_block, state, used = 0, None, 0.0
     saved = (
         runstate.latest(Path(run_dir), cfg, x.shape, net_factory=net_factory, device=device, dtype=dtype)
         if resume
         else None
     )
     if saved is not None:
-        flow, start_block, used, state = saved.flow, saved.block, saved.elapsed, saved.block_state
+        flow, first_block, used, state = saved.flow, saved.block, saved.elapsed, saved.block_state
         pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
         generator.set_state(saved.generator_state)
-        log.info("resuming from %s: block %d, step %d", saved.path.name, start_block, saved.step)
+        log.info("resuming from %s: block %d, step %d", saved.path.name, first_block, saved.step)
     ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if run_dir is not None else None
     budget = TimeBudget(time_budget, steps, already_used=used)
 
@@ -345,65 +405,24 @@ def fit(
         if callback is not None:
             callback(Progress(n_blocks=len(hs), elapsed=budget.used(), **kw))
 
-    for n in range(start_block, len(hs)):  # data -> noise, one block at a time
-        h_n = hs[n]
-        if state is None:
-            warm = cfg.train.warm_start and n > 0
-            net = copy.deepcopy(flow.blocks[n - 1].net) if warm else fresh_net(dim, cfg, seed + n, net_factory)
-            state = new_block_state(net.to(device, dtype), cfg.train)
-        deadline = budget.deadline(n, _estimate_push(state.net, h_n, pool, cfg) if time_budget else 0.0)
+    def start_block(n: int) -> BlockState:
+        """Block n starts from block n-1's weights (warm start) or from a fresh network."""
+        warm = cfg.train.warm_start and n > 0
+        net = copy.deepcopy(flow.blocks[n - 1].net) if warm else fresh_net(dim, cfg, seed + n, net_factory)
+        return new_block_state(net.to(device, dtype), cfg.train)
 
-        def report(s: BlockState, loss: float, rate: float, n=n, deadline=deadline) -> None:
-            left = (steps[n] - s.step) * cfg.train.batch_size * cfg.train.draws_per_pair / max(rate, 1e-9)
-            if math.isfinite(deadline):
-                left = min(left, max(0.0, deadline - time.monotonic()))
-            emit(
-                phase="train",
-                block=n,
-                step=s.step,
-                steps=steps[n],
-                loss=loss,
-                lr=s.optimizer.param_groups[0]["lr"],
-                samples_per_s=rate,
-                eta=left,
-            )
-
-        def save_mid(s: BlockState, n=n, pool=pool) -> None:
-            ckpt.save(flow, n, pool, generator, budget.used(), s)
-
+    for n in range(first_block, len(hs)):  # data -> noise, one block at a time
+        state = state or start_block(n)
+        hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
+        deadline = budget.deadline(n, _estimate_push(state.net, hs[n], pool, cfg) if time_budget else 0.0)
         try:
-            train_block(
-                state,
-                pool,
-                h_n,
-                cfg.train,
-                steps[n],
-                generator=generator,
-                deadline=deadline,
-                report=report,
-                checkpoint=save_mid if ckpt else None,
-            )
-            flow.append(Block(state.net, h_n))
+            train_block(state, pool, hs[n], cfg.train, steps[n], generator=generator, **hooks.callbacks(deadline))
+            flow.append(Block(state.net, hs[n]))
             t0 = time.perf_counter()
-            pool = push(
-                flow.blocks[n],
-                pool,
-                cfg.solver,
-                cfg.train.push_batch_size,
-                lambda done, total, n=n: emit(phase="push", block=n, step=done, steps=total),
-            )
+            pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress)
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
-        flow.training_log.append(
-            {
-                "block": n,
-                "h": h_n,
-                "steps": state.step,
-                "train_seconds": state.seconds,
-                "push_seconds": time.perf_counter() - t0,
-                "losses": state.losses,
-            }
-        )
+        flow.training_log.append(hooks.record(hs[n], state, time.perf_counter() - t0))
         state = None
         if ckpt is not None:
             ckpt.save(flow, n + 1, pool, generator, budget.used(), None)
