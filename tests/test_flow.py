@@ -170,7 +170,10 @@ def test_return_path_endpoints():
     enc = flow.encode(x, return_path=True)
     assert len(enc.path) == 4 and torch.equal(enc.path[-1], enc.x)
     dec = flow.decode(enc.x, return_path=True)
-    assert len(dec.path) == 4 and torch.equal(dec.path[-1], dec.x)
+    # Paths stay in the standardised coordinates where the blocks act; dec.x is in data units.
+    assert len(dec.path) == 4 and torch.equal(dec.path[0], enc.x)
+    assert torch.allclose(flow.standardizer.inverse(dec.path[-1]), dec.x)
+    assert torch.allclose(dec.path[-1], enc.path[0], atol=1e-3)
 
 
 def test_bad_inputs_raise():

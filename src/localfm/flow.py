@@ -137,7 +137,8 @@ class FlowOutput:
 
     ``x``: the end points (codes for ``encode``, data for ``decode``/``sample``). ``log_prob``:
     log-density of the data points in nats, or ``None``. ``nfe``: network evaluations per block.
-    ``path``: the points after each block when asked for (``path[0]`` is where the pass started).
+    ``path``: with ``return_path``, the points before the first block and after each block, in the
+    standardised coordinates where the blocks act (``x`` itself is in data units for ``decode``).
     """
 
     x: Tensor
@@ -302,8 +303,6 @@ class LocalFlow(nn.Module):
             # delta accumulated -integral div v over the blocks.
             out.log_prob = self._base_log_prob(z) - out.log_prob + self.standardizer.logdet()
         out.x = self.standardizer.inverse(out.x)
-        if return_path:
-            out.path = [self.standardizer.inverse(p) for p in out.path]
         return out
 
     def _dtype(self) -> torch.dtype:

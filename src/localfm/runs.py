@@ -202,13 +202,10 @@ def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list
         made.append(plots.plot_samples_2d(samples, test, folder / "samples.png", box))
         m = min(len(test), 10_000)
         enc = flow.encode(torch.from_numpy(test[:m]), return_path=True)
-        enc_path = [p.double().numpy() for p in enc.path]
-        enc_path[0] = test[:m]
         dec = flow.decode(torch.randn(m, 2, generator=g), return_path=True)
-        u = [p.double().numpy() for p in dec.path]
-        # Intermediate points are shown in the standardised space where the blocks act.
-        std = flow.standardizer
-        dec_path = [u[0]] + [std(torch.from_numpy(p)).numpy() for p in u[1:-1]] + [u[-1]]
+        # Paths are in the standardised coordinates where the blocks act; the data ends in data units.
+        enc_path = [test[:m]] + [p.double().numpy() for p in enc.path[1:]]
+        dec_path = [p.double().numpy() for p in dec.path[:-1]] + [dec.x.double().numpy()]
         made.append(plots.plot_block_paths(enc_path, dec_path, folder / "blocks.png", box))
         made.append(
             plots.plot_density_2d(

@@ -150,7 +150,7 @@ def train_block(
     params = [p for p in net.parameters() if p.requires_grad]
     ema_list = [state.ema[k] for k, p in net.named_parameters() if p.requires_grad] if state.ema else None
     K = tc.draws_per_pair
-    loss_sum, since, t_mark = torch.zeros((), device=pool.device), 0, time.perf_counter()
+    loss_sum, since, t_mark = torch.zeros((), device=pool.device, dtype=pool.dtype), 0, time.perf_counter()
     budget_start, clock_start = state.seconds, time.monotonic()
     began = clock_start - budget_start  # when this block would have started, had it never stopped
     net.train()
@@ -248,6 +248,10 @@ class TimeBudget:
         self.seconds = seconds
         total = sum(steps)
         self.cumulative = [sum(steps[: n + 1]) / total for n in range(len(steps))]
+        self.start = time.monotonic() - already_used
+
+    def restart(self, already_used: float = 0.0) -> None:
+        """Start the clock now (after one-time set-up such as the first optimiser)."""
         self.start = time.monotonic() - already_used
 
     def used(self) -> float:
@@ -413,6 +417,8 @@ def fit(
 
     for n in range(first_block, len(hs)):  # data -> noise, one block at a time
         state = state or start_block(n)
+        if n == first_block:
+            budget.restart(used)
         hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
         deadline = budget.deadline(n, _estimate_push(state.net, hs[n], pool, cfg) if time_budget else 0.0)
         try:
