@@ -203,12 +203,13 @@ def main() -> None:
         for i in range(counts["cli"]):
             case = work / f"cli{i}"
             case.mkdir()
-            tally.run("CLI: localfm train (bad config/data)", cases.cli_train_case, rng, case)
+            tally.run("CLI: localfm train (bad config/data)", exit_status, cases.cli_train_case, rng, case)
             kind, command = rng.choice(cases.DAMAGE_KINDS), rng.choice(["eval", "sample"])
             case2 = work / f"cli{i}b"
             case2.mkdir()
             tally.run(
                 f"CLI: localfm {command} (damaged model)",
+                exit_status,
                 cases.cli_damaged_model_case,
                 rng,
                 work / "pristine-model",
@@ -223,7 +224,7 @@ def main() -> None:
         for r in range(max(1, counts["kills"] // KILLS_PER_RUN)):
             run_dir = work / f"killed-run-{r}"
             for kind, arg in cases.kill_plan(rng, KILLS_PER_RUN):
-                outcome = tally.run(f"SIGKILL after {kind}", cases.run_target, run_dir, kind, arg)
+                outcome = tally.run(f"SIGKILL after {kind}", kill_once, run_dir, kind, arg)
                 if outcome is not None:
                     kills.append(outcome)
                     tally.run("invariants after a kill", invariants, run_dir)
@@ -281,9 +282,26 @@ def main() -> None:
         sys.exit(1)
 
 
+class Killed(str):
+    """A tally outcome (``killed`` / ``ran to the end``) that keeps the :class:`KillOutcome`."""
+
+    outcome: cases.KillOutcome
+
+
+def kill_once(run_dir: Path, kind: str, arg: float) -> Killed:
+    outcome = cases.run_target(run_dir, kind, arg)
+    label = Killed("killed" if outcome.killed else "ran to the end")
+    label.outcome = outcome
+    return label
+
+
 def same_model(identical: bool, diff: float) -> str:
     assert identical, f"the resumed run differs by up to {diff:g}"
     return "identical"
+
+
+def exit_status(case, *args) -> str:
+    return f"exit status {case(*args)}"
 
 
 def invariants(run_dir: Path) -> str:
