@@ -362,7 +362,8 @@ def run_target(run_dir: Path, kind: str | None, arg: float, *, timeout: float = 
             killer.cancel()
             proc.stdout.close()
     if proc.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(f"the training subprocess failed (status {proc.returncode}); see {err.name}")
+        tail = Path(err.name).read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the training subprocess failed (status {proc.returncode}):\n{tail}")
     return KillOutcome(kind or "none", arg, proc.returncode == -signal.SIGKILL, last)
 
 
