@@ -3,6 +3,11 @@
 For each block n (data side first): draw pairs ``x_l ~ p_{n-1}`` (the pool) and
 ``x_r = e^{-h_n} x_l + sqrt(1 - e^{-2 h_n}) z``; regress ``v_n(I_t, t)`` onto ``dI_t/dt``; then
 push the whole pool through the trained block. The pushed pool is the next block's data.
+
+Under torchrun (:mod:`localfm.distributed`) every rank runs this same code: each block trains with
+DistributedDataParallel on ``batch_size / world_size`` pairs per rank, the pushforward is shared out
+and gathered, and rank 0 alone writes checkpoints. ``train.parallel_blocks`` trains the OU blocks
+against the exact OU marginals instead, side by side on different ranks (:mod:`localfm.parallel`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .config import FlowConfig, TrainConfig, load_config
 from .flow import Block, LocalFlow, Standardizer, check_data
 from .interpolants import get_interpolant
@@ -88,10 +94,15 @@ class BlockState:
     seconds: float = 0.0
 
 
-def draw_pairs(pool: Tensor, h: float | None, tc: TrainConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A minibatch of block pairs ``(x_l, x_r)``; ``h = None`` is the free block (``x_r = z``)."""
-    n = pool.shape[0]
-    idx = torch.randint(n, (tc.batch_size,), generator=generator, device=pool.device)
+def draw_pairs(
+    pool: Tensor, h: float | None, tc: TrainConfig, generator: torch.Generator, batch_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """A minibatch of block pairs ``(x_l, x_r)``; ``h = None`` is the free block (``x_r = z``).
+
+    ``batch_size`` (default ``tc.batch_size``) is this rank's share of the batch under torchrun.
+    """
+    n, b = pool.shape[0], batch_size or tc.batch_size
+    idx = torch.randint(n, (b,), generator=generator, device=pool.device)
     x_l = pool[idx]
     z = torch.randn(x_l.shape, generator=generator, device=pool.device, dtype=pool.dtype)
     if h is None:
@@ -99,9 +110,9 @@ def draw_pairs(pool: Tensor, h: float | None, tc: TrainConfig, generator: torch.
     if tc.pairing == "dependent":
         src = x_l
     elif tc.pairing == "shuffled":
-        src = x_l[torch.randperm(tc.batch_size, generator=generator, device=pool.device)]
+        src = x_l[torch.randperm(b, generator=generator, device=pool.device)]
     else:
-        src = pool[torch.randint(n, (tc.batch_size,), generator=generator, device=pool.device)]
+        src = pool[torch.randint(n, (b,), generator=generator, device=pool.device)]
     return x_l, ou_step(src, h, z)
 
 
@@ -138,33 +149,50 @@ def train_block(
     deadline: float = math.inf,
     report: Callable[[BlockState, float, float], None] | None = None,
     checkpoint: Callable[[BlockState], None] | None = None,
+    pairs: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+    data_parallel: bool = True,
 ) -> BlockState:
     """Flow matching for one block: ``min E || v(I_t, t) - dI_t/dt ||^2`` over OU pairs from ``pool``.
 
     Runs from ``state.step`` to ``steps`` or until ``time.monotonic()`` passes ``deadline``.
     ``report(state, mean_loss, samples_per_s)`` is called every ``tc.log_every`` steps and
     ``checkpoint(state)`` every ``tc.checkpoint_every`` steps (after the finiteness check).
+    ``pairs(batch_size, generator) -> (x_l, x_r)`` replaces :func:`draw_pairs` from ``pool``.
+
+    Under torchrun all ranks train the block together (``data_parallel``): the network is wrapped
+    in DistributedDataParallel, each rank draws ``tc.batch_size / world_size`` pairs from its own
+    ``generator``, losses are averaged over ranks and rank 0's clock decides when a deadline is
+    past. ``data_parallel=False``: this rank trains the block alone on the whole batch.
     """
     net, opt = state.net, state.optimizer
+    shared = data_parallel and distributed.world().size > 1
+    model = distributed.wrap(net) if shared else net
+    batch = distributed.local_batch_size(tc.batch_size) if shared else tc.batch_size
+    pairs = pairs or (lambda b, g: draw_pairs(pool, h, tc, g, batch_size=b))
     interp, times = get_interpolant(tc.interpolant), tc.time_sampler()
     params = [p for p in net.parameters() if p.requires_grad]
     ema_list = [state.ema[k] for k, p in net.named_parameters() if p.requires_grad] if state.ema else None
     K = tc.draws_per_pair
+    amp = tc.amp and pool.device.type == "cuda"  # bfloat16 autocast: no loss scaling needed
+    if tc.amp and not amp:
+        log.info("train.amp is ignored on %s: mixed precision runs on CUDA only", pool.device.type)
     loss_sum, since, t_mark = torch.zeros((), device=pool.device, dtype=pool.dtype), 0, time.perf_counter()
     budget_start, clock_start = state.seconds, time.monotonic()
     began = clock_start - budget_start  # when this block would have started, had it never stopped
     net.train()
-    while state.step < steps and time.monotonic() < deadline:
+    progress, late = _clock(began, deadline, shared)
+    while state.step < steps and not late:
         # Under a time budget the cosine schedule follows the share of the block's time used.
-        progress = (time.monotonic() - began) / max(deadline - began, 1e-9) if math.isfinite(deadline) else None
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(state.step, steps, tc, progress)
 
-        x_l, x_r = draw_pairs(pool, h, tc, generator)
+        x_l, x_r = pairs(batch, generator)
         if K > 1:
             x_l, x_r = x_l.repeat(K, *[1] * (x_l.dim() - 1)), x_r.repeat(K, *[1] * (x_r.dim() - 1))
         t = times.sample(x_l.shape[0], generator=generator, device=pool.device, dtype=pool.dtype)
-        loss = (net(interp.x_t(x_l, x_r, t), t) - interp.dx_t(x_l, x_r, t)).pow(2).mean()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            v = model(interp.x_t(x_l, x_r, t), t)
+        loss = (v.to(x_l.dtype) - interp.dx_t(x_l, x_r, t)).pow(2).mean()
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,12 +206,13 @@ def train_block(
         loss_sum += loss.detach()
         since += 1
 
-        at_end = state.step >= steps or time.monotonic() >= deadline
+        progress, late = _clock(began, deadline, shared)
+        at_end = state.step >= steps or late
         save_now = checkpoint is not None and tc.checkpoint_every and state.step % tc.checkpoint_every == 0
         if state.step % tc.log_every == 0 or at_end or save_now:  # never checkpoint what has diverged
-            _check_finite(float(loss_sum) / since, params, state.step)
+            mean_loss = float(distributed.all_mean(loss_sum) if shared else loss_sum) / since
+            _check_finite(mean_loss, params, state.step)
         if state.step % tc.log_every == 0 or at_end:
-            mean_loss = float(loss_sum) / since
             now = time.perf_counter()
             rate = since * tc.batch_size * K / max(now - t_mark, 1e-9)
             state.seconds = budget_start + time.monotonic() - clock_start
@@ -206,6 +235,20 @@ def train_block(
     return state
 
 
+def _clock(began: float, deadline: float, shared: bool) -> tuple[float | None, bool]:
+    """The share of the block's time used and whether ``deadline`` is past (``None, False`` without one).
+
+    With ``shared``, every rank takes rank 0's reading, so that all stop at the same step.
+    """
+    if not math.isfinite(deadline):
+        return None, False
+    now = time.monotonic()
+    progress, late = (now - began) / max(deadline - began, 1e-9), float(now >= deadline)
+    if shared:
+        progress, late = distributed.from_main([progress, late])
+    return progress, bool(late)
+
+
 def _check_finite(mean_loss: float, params: list[Tensor], step: int) -> None:
     if not math.isfinite(mean_loss):
         raise TrainingDivergedError(f"the loss is {mean_loss}", step)
@@ -223,13 +266,21 @@ def push(
 ) -> Tensor:
     """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches.
 
+    Under torchrun each rank pushes its contiguous share of the pool and every rank receives the
+    whole result; ``progress(done, total)`` then estimates ``done`` from this rank's share.
     Raises :class:`TrainingDivergedError` if a pushed point is not finite.
     """
-    out = torch.empty_like(pool)
-    for i in range(0, pool.shape[0], batch_size):
-        out[i : i + batch_size] = block.forward(pool[i : i + batch_size], solver=solver).x
-        if progress is not None:
-            progress(min(i + batch_size, pool.shape[0]), pool.shape[0])
+    total, ranks = pool.shape[0], distributed.world().size
+
+    def push_share(share: Tensor) -> Tensor:
+        out = torch.empty_like(share)
+        for i in range(0, share.shape[0], batch_size):
+            out[i : i + batch_size] = block.forward(share[i : i + batch_size], solver=solver).x
+            if progress is not None:
+                progress(min(min(i + batch_size, share.shape[0]) * ranks, total), total)
+        return out
+
+    out = distributed.map_sharded(push_share, pool)
     if not torch.isfinite(out).all():
         raise TrainingDivergedError("pushing the data through the trained block gave non-finite points", None)
     return out
@@ -246,7 +297,7 @@ class TimeBudget:
         if seconds is not None and not seconds > 0:
             raise ValueError(f"time_budget must be a number of seconds > 0, got {seconds!r}")
         self.seconds = seconds
-        total = sum(steps)
+        total = max(sum(steps), 1)
         self.cumulative = [sum(steps[: n + 1]) / total for n in range(len(steps))]
         self.start = time.monotonic() - already_used
 
@@ -258,9 +309,25 @@ class TimeBudget:
         return time.monotonic() - self.start
 
     def deadline(self, n: int, push_estimate: float) -> float:
+        """When block n must stop training so that its push ends on its share of the budget.
+
+        A block always gets at least a quarter of its own share for training: when the push is
+        estimated to take more than that, the run overshoots the budget (with a warning) rather
+        than leaving blocks untrained.
+        """
         if self.seconds is None:
             return math.inf
-        return self.start + self.seconds * self.cumulative[n] - push_estimate
+        share = self.seconds * (self.cumulative[n] - (self.cumulative[n - 1] if n else 0.0))
+        end = self.start + self.seconds * self.cumulative[n] - push_estimate
+        floor = time.monotonic() + 0.25 * share
+        if end < floor:
+            log.warning(
+                "block %d: the pushforward (about %.0f s) leaves too little of the time budget for training; "
+                "use a cheaper solver (e.g. solver.method: rk4 with fewer steps), a smaller pool or a larger budget",
+                n,
+                push_estimate,
+            )
+        return max(end, floor)
 
 
 def _estimate_push(block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig) -> float:
@@ -272,11 +339,12 @@ def _estimate_push(block_net: nn.Module, h: float | None, pool: Tensor, cfg: Flo
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device: cpu")
+    w = distributed.world()
+    if device.type == "cuda" and w.size > 1:
+        device = torch.device("cuda", w.local_rank)  # one GPU per process, whatever index the config names
     return device
 
 
@@ -305,7 +373,8 @@ class _BlockHooks:
         return {
             "deadline": deadline,
             "report": self.report(deadline),
-            "checkpoint": self.checkpoint if self.ckpt else None,
+            # Under torchrun every rank passes the checkpoints (rank 0 alone writes): see resync.
+            "checkpoint": self.checkpoint if self.ckpt or distributed.world().size > 1 else None,
         }
 
     def report(self, deadline: float) -> Callable[[BlockState, float, float], None]:
@@ -330,7 +399,9 @@ class _BlockHooks:
         return report
 
     def checkpoint(self, s: BlockState) -> None:
-        self.ckpt.save(self.flow, self.n, self.pool, self.generator, self.budget.used(), s)
+        if self.ckpt:
+            self.ckpt.save(self.flow, self.n, self.pool, self.generator, self.budget.used(), s)
+        distributed.resync(self.generator)
 
     def push_progress(self, done: int, total: int) -> None:
         self.emit(phase="push", block=self.n, step=done, steps=total)
@@ -379,13 +450,17 @@ def fit(
     seed = cfg.seed if seed is None else seed
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir= (the folder holding the checkpoints)")
+    world = distributed.world()
+    distributed.local_batch_size(cfg.train.batch_size, world)  # the global batch must split evenly
+    if time_budget is not None and cfg.train.parallel_blocks:
+        raise ValueError("time_budget cannot be shared out with train.parallel_blocks: true; give train.steps instead")
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     x = check_data(x_train, "x_train").to(device, dtype)
     if x.shape[0] < 2 or x[0].numel() == 0:
         raise ValueError(f"x_train needs at least 2 points with at least one coordinate, got shape {tuple(x.shape)}")
     hs = cfg.blocks.steps()
-    steps = cfg.train.steps_for(len(hs))
+    steps = cfg.train.sequential_steps(hs)
     dim = x.shape[1] if x.dim() == 2 else tuple(x.shape[1:])
 
     flow = LocalFlow(x.shape[1:], [], Standardizer.fit(x, per_coordinate=x.dim() == 2), cfg.solver, cfg).to(device)
@@ -402,7 +477,16 @@ def fit(
         pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
         generator.set_state(saved.generator_state)
         log.info("resuming from %s: block %d, step %d", saved.path.name, first_block, saved.step)
-    ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if run_dir is not None else None
+    if world.size > 1:
+        where = distributed.all_gather_object(None if saved is None else (saved.block, saved.step))
+        if len(set(where)) > 1:
+            raise ValueError(
+                f"the ranks found different checkpoints to resume from ((block, step) per rank: {where}); "
+                "every rank reads run_dir: put it on a file system that all machines share"
+            )
+    distributed.resync(generator)
+    writes = run_dir is not None and world.is_main  # rank 0 alone writes checkpoints
+    ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if writes else None
     budget = TimeBudget(time_budget, steps, already_used=used)
 
     def emit(**kw) -> None:
@@ -410,10 +494,33 @@ def fit(
             callback(Progress(n_blocks=len(hs), elapsed=budget.used(), **kw))
 
     def start_block(n: int) -> BlockState:
-        """Block n starts from block n-1's weights (warm start) or from a fresh network."""
-        warm = cfg.train.warm_start and n > 0
-        net = copy.deepcopy(flow.blocks[n - 1].net) if warm else fresh_net(dim, cfg, seed + n, net_factory)
+        """Block n starts from its weights trained on the OU marginals (``train.parallel_blocks``),
+        from block n-1's weights (warm start) or from a fresh network."""
+        if n in parallel:
+            net = parallel[n].net
+        elif cfg.train.warm_start and n > 0:
+            net = copy.deepcopy(flow.blocks[n - 1].net)
+        else:
+            net = fresh_net(dim, cfg, seed + n, net_factory)
         return new_block_state(net.to(device, dtype), cfg.train)
+
+    parallel = {}  # the OU blocks still to come, trained side by side on the exact OU marginals
+    if cfg.train.parallel_blocks:
+        from .parallel import train_parallel_blocks
+
+        later = range(first_block + (state is not None), len(hs))
+        parallel_steps = cfg.train.steps_for(len(hs))
+        parallel = train_parallel_blocks(
+            flow.standardizer(x),
+            hs,
+            cfg.train,
+            blocks=[n for n in later if hs[n] is not None],
+            seed=seed,
+            make_net=lambda n: fresh_net(dim, cfg, seed + n, net_factory).to(device, dtype),
+            report=lambda n: _BlockHooks(n, parallel_steps[n], cfg, emit, None, flow, pool, generator, budget).report(
+                math.inf
+            ),
+        )
 
     for n in range(first_block, len(hs)):  # data -> noise, one block at a time
         state = state or start_block(n)
@@ -428,9 +535,11 @@ def fit(
             pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress)
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
-        flow.training_log.append(hooks.record(hs[n], state, time.perf_counter() - t0))
+        record = hooks.record(hs[n], state, time.perf_counter() - t0)
+        flow.training_log.append(parallel[n].merged(record) if n in parallel else record)
         state = None
         if ckpt is not None:
             ckpt.save(flow, n + 1, pool, generator, budget.used(), None)
+        distributed.resync(generator)
     emit(phase="done", block=len(hs) - 1, step=len(hs), steps=len(hs))
     return flow.eval()
