@@ -72,7 +72,8 @@ class TrainConfig:
     ``pairing``: ``dependent`` (x_r made from x_l, the paper), ``shuffled`` (x_r made from a
     permuted batch) or ``independent`` (from a second draw of the pool). ``draws_per_pair`` is the
     number of independent times per pair. ``ema`` is the decay of the weight average used after
-    training (``None`` for none).
+    training (``None`` for none). ``amp``: bfloat16 autocast of the network's forward pass in
+    training, on CUDA only (ignored, with a logged note, on the CPU).
     """
 
     steps: int | tuple[int, ...] = 2000
@@ -97,6 +98,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     log_every: int = 50
+    amp: bool = False
 
     def __post_init__(self) -> None:
         steps = self.steps if isinstance(self.steps, tuple) else (self.steps,)
@@ -145,10 +147,13 @@ class FlowConfig:
 
     ``data`` names a dataset (``localfm datasets`` lists them) or a data file; ``data_root`` is the
     folder for datasets that come from the user (GAS, HEPMASS, MINIBOONE, BSDS300, CIFAR-10).
+    ``data_limit``: train on the first ``data_limit`` training points only (all when null), e.g. to
+    keep the pushforward of a large image set short on a CPU; evaluation still uses the whole split.
     """
 
     data: str | None = None
     data_root: str | None = None
+    data_limit: int | None = None
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
@@ -162,6 +167,8 @@ class FlowConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.data_limit is not None and self.data_limit < 2:
+            raise ValueError(f"data_limit must be >= 2 training points or null, got {self.data_limit}")
         self.train.steps_for(len(self.blocks.steps()))
 
     def replace(self, **changes: Any) -> FlowConfig:

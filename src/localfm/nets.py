@@ -1,4 +1,4 @@
-"""Velocity networks ``v_theta(x, t) -> dx/dt``.
+"""Velocity networks ``v_theta(x, t) -> dx/dt``: an MLP for flat data, a UNet for images.
 
 Any ``nn.Module`` called as ``net(x, t)`` with ``x`` of shape (B, ...) and ``t`` of shape (B,)
 (or a 0-d tensor, broadcast over the batch), returning a tensor shaped like ``x``, can serve as
@@ -15,15 +15,22 @@ from torch import Tensor, nn
 
 __all__ = ["MLP", "NetConfig", "build_net", "count_parameters"]
 
+_KINDS = ("mlp", "unet")
 _ACTIVATIONS = ("relu", "elu", "silu", "softplus", "tanh", "gelu")
 
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Settings of the default MLP velocity network.
+    """Settings of the velocity network: ``kind`` is ``"mlp"`` (flat data) or ``"unet"`` (images).
 
-    ``time_embedding`` is ``"concat"`` (t appended to the input, the authors' choice) or
-    ``"fourier"`` (``fourier_features`` sinusoids of t). ``beta`` is softplus's sharpness.
+    MLP: ``width``, ``depth``, ``activation``; ``time_embedding`` is ``"concat"`` (t appended to
+    the input, the authors' choice) or ``"fourier"`` (``fourier_features`` sinusoids of t);
+    ``beta`` is softplus's sharpness; ``context_dim`` adds a conditioning input.
+
+    UNet (:class:`localfm.unet.UNet`): ``channels`` (base width), ``channel_mult`` (one width
+    multiplier per resolution level, halving the image between levels), ``blocks_per_level``
+    residual blocks per level, self-attention at the side lengths in ``attention_resolutions``,
+    ``heads`` attention heads, ``dropout``, GroupNorm with up to ``norm_groups`` groups.
     """
 
     kind: str = "mlp"
@@ -34,10 +41,19 @@ class NetConfig:
     time_embedding: str = "concat"
     fourier_features: int = 16
     context_dim: int = 0
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    heads: int = 4
+    dropout: float = 0.0
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
-        if self.kind != "mlp":
-            raise ValueError(f"net.kind must be 'mlp' (other networks are passed as modules), got {self.kind!r}")
+        if self.kind not in _KINDS:
+            raise ValueError(
+                f"net.kind must be one of {_KINDS} (other networks are passed as modules), got {self.kind!r}"
+            )
         if self.width < 1 or self.depth < 1:
             raise ValueError(f"net.width and net.depth must be >= 1, got {self.width}, {self.depth}")
         if self.activation not in _ACTIVATIONS:
@@ -48,6 +64,17 @@ class NetConfig:
             raise ValueError(f"net.beta must be > 0, got {self.beta}")
         if self.fourier_features < 1 or self.context_dim < 0:
             raise ValueError("net.fourier_features must be >= 1 and net.context_dim >= 0")
+        for name in ("channels", "blocks_per_level", "heads", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"net.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"net.channel_mult must be a non-empty list of integers >= 1, got {self.channel_mult!r}")
+        if any(r < 1 for r in self.attention_resolutions):
+            raise ValueError(f"net.attention_resolutions must hold side lengths >= 1, got {self.attention_resolutions}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"net.dropout must be in [0, 1), got {self.dropout}")
+        if self.kind == "unet" and self.context_dim:
+            raise ValueError("net.context_dim must be 0 for kind 'unet' (the UNet takes no conditioning input)")
 
 
 def _activation(name: str, beta: float) -> nn.Module:
@@ -99,8 +126,24 @@ class MLP(nn.Module):
         return self.layers(torch.cat(parts, dim=1))
 
 
-def build_net(dim: int, config: NetConfig) -> nn.Module:
-    """Build the velocity network described by ``config`` for data of dimension ``dim``."""
+def build_net(dim: int | tuple[int, ...], config: NetConfig) -> nn.Module:
+    """Build the velocity network described by ``config``.
+
+    ``dim`` is the dimension d of flat data (an int) or the event shape of images, (C, H, W);
+    ``fit`` and ``load`` pass exactly that. ``kind: mlp`` needs flat data, ``kind: unet`` images.
+    """
+    if config.kind == "unet":
+        if isinstance(dim, int) or len(dim) != 3:
+            raise ValueError(f"net.kind 'unet' needs images of shape (C, H, W), got data of shape {dim!r}")
+        from .unet import UNet
+
+        return UNet(tuple(int(s) for s in dim), config)
+    if not isinstance(dim, int):
+        if len(dim) != 1:
+            raise ValueError(
+                f"net.kind 'mlp' needs flat data (N, d), got points of shape {tuple(dim)}: use net.kind: unet"
+            )
+        dim = int(dim[0])
     return MLP(dim, config)
 
 

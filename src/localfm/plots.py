@@ -1,5 +1,5 @@
 """Figures of a run: samples against the target, the block-by-block picture, the learned
-density, loss curves, and marginals for d > 2. Needs the ``plot`` extra (matplotlib)."""
+density, loss curves, marginals for d > 2, and image grids. Needs the ``plot`` extra (matplotlib)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["plot_samples_2d", "plot_block_paths", "plot_density_2d", "plot_losses", "plot_marginals", "box_2d"]
+__all__ = [
+    "plot_samples_2d",
+    "plot_block_paths",
+    "plot_density_2d",
+    "plot_losses",
+    "plot_marginals",
+    "box_2d",
+    "image_grid",
+    "plot_image_grids",
+    "plot_image_blocks",
+]
 
 
 def _plt():
@@ -136,6 +146,54 @@ def plot_marginals(samples: np.ndarray, test: np.ndarray, path: Path, max_dims: 
                 ax.set_title("samples" if (i, j) == (0, 1) else "", fontsize=8)
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"marginals: first {d} of {samples.shape[1]} dimensions (lower: test, upper: samples)", fontsize=10)
+    return _save(fig, path)
+
+
+def image_grid(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
+    """Tile images (N, C, H, W) in [-1, 1] into one (rows*H, ncol*W, C) array in [0, 1], 1-pixel gaps."""
+    x = (np.clip(np.asarray(images, dtype=np.float64), -1, 1) + 1) / 2
+    n, c, h, w = x.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / ncol))
+    grid = np.ones((rows * (h + 1) - 1, ncol * (w + 1) - 1, c))
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = x[i].transpose(1, 2, 0)
+    return grid
+
+
+def _show(ax, img: np.ndarray, title: str = "") -> None:
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+
+
+def plot_image_grids(panels: dict[str, np.ndarray], path: Path) -> Path:
+    """One grid per panel, side by side: e.g. ``{"test images": x, "samples": s}``, (N, C, H, W) in [-1, 1]."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels.items(), strict=True):
+        _show(ax, image_grid(images), f"{title} ({len(images)})")
+    return _save(fig, path)
+
+
+def plot_image_blocks(encode_path: list[np.ndarray], decode_path: list[np.ndarray], path: Path) -> Path:
+    """One image (C, H, W) after each block: top row data to noise, bottom row that noise back to data."""
+    plt = _plt()
+    k = len(encode_path)
+    fig, axes = plt.subplots(2, k, figsize=(1.8 * k, 4.0), squeeze=False)
+    for i, img in enumerate(encode_path):
+        _show(axes[0, i], image_grid(img[None]), "data" if i == 0 else f"after block {i}")
+    for i, img in enumerate(decode_path):
+        j = k - 1 - i
+        _show(axes[1, i], image_grid(img[None]), "noise" if i == 0 else f"before block {j + 1}")
+    axes[0, 0].set_ylabel("encode")
+    axes[1, 0].set_ylabel("decode")
+    fig.suptitle("one test image through the chain of blocks and back (clipped to the data range)", fontsize=10)
     return _save(fig, path)
 
 

@@ -100,7 +100,12 @@ def train_run(
     t0 = time.perf_counter()
     try:
         flow = fit(
-            torch.from_numpy(ds.train), cfg, time_budget=time_budget, callback=on_progress, run_dir=out, resume=resume
+            torch.from_numpy(ds.train[: cfg.data_limit]),
+            cfg,
+            time_budget=time_budget,
+            callback=on_progress,
+            run_dir=out,
+            resume=resume,
         )
     finally:
         log_file.close()
@@ -135,29 +140,66 @@ def evaluate_run(
     x = ds.split(split)
     if max_points is not None and max_points < len(x):
         x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
+    batch = 4096
+    if ds.kind == "image":  # a density of uniformly dequantised pixels: bits/dim bound the discrete NLL
+        from .datasets import dequantize
+
+        x, batch = dequantize(x, np.random.default_rng([seed, 1]), levels=ds.levels or 256), 256
+        n_samples = min(n_samples, len(ds.test))  # as many samples as reference images
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    lp = flow.log_prob(torch.from_numpy(x), generator=g, progress=progress)
+    lp = flow.log_prob(torch.from_numpy(x), generator=g, progress=progress, batch_size=batch)
     metrics: dict[str, Any] = {"split": split, **nll_summary(lp), "log_prob_seconds": time.perf_counter() - t0}
     if ds.kind == "image":
-        metrics["bits_per_dim"] = (metrics["nll"] / flow.dim + math.log(128)) / math.log(2)
+        metrics.update(_bits_per_dim(metrics, flow.dim, ds.levels or 256))
     if ds.log_prob is not None and ds.sampler is not None:
         from .datasets import true_entropy
 
         h = true_entropy(ds, n=100_000, seed=seed)
         metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
     t0 = time.perf_counter()
-    samples = flow.sample(n_samples, generator=torch.Generator().manual_seed(seed + 1))
+    samples = flow.sample(n_samples, generator=torch.Generator().manual_seed(seed + 1), batch_size=batch)
     metrics["sample_seconds"] = time.perf_counter() - t0
     ref = torch.from_numpy(ds.test[:n_samples]).double()
     if ds.kind != "image":
         metrics["energy_distance"] = energy_distance(samples[: len(ref)], ref)
         metrics["mmd"] = mmd(samples[: len(ref)], ref)
+    elif ds.labels is not None:
+        metrics.update(_classifier_frechet(ds, samples, ds.test[:n_samples]))
     metrics["parameters"] = sum(p.numel() for p in flow.parameters())
     metrics["blocks"] = len(flow)
     metrics["dataset"] = ds.name
     write_json(run / "metrics.json", metrics)
     return metrics
+
+
+def _bits_per_dim(m: dict[str, Any], dim: int, levels: int) -> dict[str, Any]:
+    """Bits/dim of the dequantised test images (``datasets.bits_per_dim``) with the standard error of
+    the mean. Each point's log-density carries its own Hutchinson probe noise, so the standard error
+    over points includes the estimator's variance."""
+    from .datasets import bits_per_dim
+
+    return {
+        "bits_per_dim": float(bits_per_dim(m["nll"], dim, levels)),
+        "bits_per_dim_se": m["nll_se"] / (dim * math.log(2)),
+        "levels": levels,
+        "likelihood": "uniform dequantisation, Hutchinson divergence (Rademacher probes)",
+    }
+
+
+def _classifier_frechet(ds, samples: torch.Tensor, reference: np.ndarray) -> dict[str, Any]:
+    """Classifier Frechet distance (:mod:`localfm.classifier`, not FID) of samples to test images, and
+    its floor: the same distance from held-out real images (the validation split) at the same size."""
+    from .classifier import classifier_for, frechet_distance
+
+    clf = classifier_for(ds)
+    n = min(len(samples), len(ds.val), len(reference))
+    return {
+        "classifier_frechet_distance": frechet_distance(samples, reference, clf),
+        "classifier_frechet_floor": frechet_distance(ds.val[:n], reference[:n], clf),
+        "classifier_frechet_points": [len(samples), len(reference)],
+        "classifier_test_accuracy": clf.info.get("test_accuracy"),
+    }
 
 
 def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: int = 0) -> tuple[np.ndarray, Path]:
@@ -194,7 +236,7 @@ def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list
     g = torch.Generator().manual_seed(seed)
     made = [plots.plot_losses(flow.training_log, folder / "losses.png")]
     if ds.kind == "image":
-        return made
+        return made + _image_figures(flow, ds, folder, g, min(n_samples, 64))
     samples = flow.sample(n_samples, generator=g).double().numpy()
     test = ds.test[:n_samples].astype(np.float64)
     if flow.dim == 2:
@@ -220,6 +262,25 @@ def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list
     return made
 
 
+def _image_figures(flow: LocalFlow, ds, folder: Path, g: torch.Generator, n: int) -> list[Path]:
+    """A grid of samples beside test images, and one test image carried to noise and back."""
+    from . import plots
+
+    samples = flow.sample(n, generator=g, batch_size=256).double().numpy()
+    made = [plots.plot_image_grids({"test images": ds.test[:n], "samples": samples}, folder / "samples.png")]
+    x = torch.from_numpy(ds.test[:1])
+    enc = flow.encode(x, return_path=True)
+    # The blocks act on standardised images: show every stage in data units.
+    forward = [x.double()] + [flow.standardizer.inverse(p).double() for p in enc.path[1:]]
+    back = [flow.standardizer.inverse(p).double() for p in flow.decode(enc.x, return_path=True).path]
+    made.append(
+        plots.plot_image_blocks(
+            [p[0].numpy() for p in forward], [p[0].double().numpy() for p in back], folder / "blocks.png"
+        )
+    )
+    return made
+
+
 def write_report(run: str | Path) -> tuple[Path, Path]:
     """``report.md`` and ``report.html`` with the figures and numbers of a run."""
     run = Path(run)
@@ -233,7 +294,17 @@ def write_report(run: str | Path) -> tuple[Path, Path]:
         rows.append(("true entropy (nats)", f"{metrics['true_entropy']:.4f} ± {metrics['true_entropy_se']:.4f}"))
         rows.append(("gap NLL − entropy (≈ KL)", f"{metrics['gap']:.4f}"))
     if "bits_per_dim" in metrics:
-        rows.append(("bits/dim", f"{metrics['bits_per_dim']:.4f}"))
+        se = f" ± {metrics['bits_per_dim_se']:.4f}" if "bits_per_dim_se" in metrics else ""
+        rows.append(("bits/dim (dequantised test images)", f"{metrics['bits_per_dim']:.4f}{se}"))
+    if "classifier_frechet_distance" in metrics:
+        rows.append(
+            (
+                "classifier Frechet distance (not FID)",
+                f"{metrics['classifier_frechet_distance']:.3f} (real held-out images: "
+                f"{metrics['classifier_frechet_floor']:.3f}; classifier test accuracy "
+                f"{metrics['classifier_test_accuracy']:.3f})",
+            )
+        )
     for key, label in [("energy_distance", "energy distance (samples vs test)"), ("mmd", "MMD² (samples vs test)")]:
         if key in metrics:
             rows.append((label, f"{metrics[key]:.5f}"))
