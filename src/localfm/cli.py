@@ -1,4 +1,9 @@
-"""The ``localfm`` command line: a thin layer that parses, validates and calls the library."""
+"""The ``localfm`` command line: a thin layer that parses, validates and calls the library.
+
+``localfm train`` and ``localfm eval`` also run under torchrun (``torchrun --nproc-per-node K -m
+localfm.cli train CONFIG``): the process group is joined here, from torchrun's environment, and
+the run is shared out over the ranks (:mod:`localfm.distributed`); rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ EXAMPLES = {
     "demo": "localfm demo                      # tree density, report in runs/demo\n"
     "  localfm demo --out runs/mine --time-budget 120",
     "train": "localfm train configs/tree_cpu.yaml --out runs/tree\n"
+    "  torchrun --standalone --nproc-per-node 2 -m localfm.cli train configs/power_cpu.yaml --out runs/power\n"
     "  localfm train configs/power_cpu.yaml --set train.lr=3e-4 --set blocks.L=2\n"
     "  localfm train configs/power_cpu.yaml --out runs/power --resume\n"
     "  localfm train configs/gas.yaml --set data_root=~/maf-data --dry-run",
@@ -140,13 +146,18 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def _after_training(run: Path, *, quick: bool = False) -> None:
+    from . import distributed
     from .runs import evaluate_run, plot_run, write_report
 
-    print("evaluating on the test split ...", file=sys.stderr)
+    main = distributed.world().is_main
+    if main:
+        print("evaluating on the test split ...", file=sys.stderr)
     points, n = (5_000, 2_000) if quick else (None, 10_000)
     if _run_kind(run) == "image":  # Hutchinson likelihoods and ODE samples of UNets: slow on a CPU
         points, n = (100, 200) if quick else (500, 1_000)
     m = evaluate_run(run, max_points=points, n_samples=n)
+    if not main:  # the evaluation is shared out; plots and the report are rank 0's
+        return
     plot_run(run, n_samples=5_000 if quick else 20_000)
     md, html = write_report(run)
     rows = [("test NLL", f"{m['nll']:.4f} ± {m['nll_se']:.4f} nats")]
@@ -187,27 +198,35 @@ def _summary(flow) -> None:
 
 
 def cmd_train(args) -> None:
+    from . import distributed
     from .config import load_config, to_dict
     from .runs import train_run
 
     cfg = load_config(args.config, tuple(args.overrides))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    distributed.local_batch_size(cfg.train.batch_size, distributed.from_env())
     if args.dry_run:
         import yaml
 
         from .runs import load_run_data
 
+        if not distributed.from_env().is_main:
+            return
         ds = load_run_data(cfg)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         print(f"# data: {ds.name}, {ds.kind}, splits {ds.sizes}, dimension {ds.dim}")
         print(f"# blocks: {cfg.blocks.steps()}  run folder: {out}  (dry run: nothing trained)")
         return
     t0 = time.perf_counter()
-    flow, run = train_run(cfg, out, resume=args.resume, time_budget=args.time_budget, callback=_progress_bar())
-    print(f"trained {len(flow)} blocks in {time.perf_counter() - t0:.0f} s; model in {run / 'model'}")
-    _summary(flow)
-    if not args.no_eval:
-        _after_training(run)
+    with distributed.session(cfg.device) as world:
+        bar = _progress_bar() if world.is_main else None
+        flow, run = train_run(cfg, out, resume=args.resume, time_budget=args.time_budget, callback=bar)
+        if world.is_main:
+            ranks = f" on {world.size} processes" if world.size > 1 else ""
+            print(f"trained {len(flow)} blocks{ranks} in {time.perf_counter() - t0:.0f} s; model in {run / 'model'}")
+            _summary(flow)
+        if not args.no_eval:
+            _after_training(run)
 
 
 def cmd_demo(args) -> None:
@@ -243,9 +262,15 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from . import distributed
     from .runs import evaluate_run
 
-    m = evaluate_run(args.run, split=args.split, max_points=args.max_points, n_samples=args.n_samples, seed=args.seed)
+    with distributed.session("cpu"):  # a loaded run lives on the CPU: gloo
+        m = evaluate_run(
+            args.run, split=args.split, max_points=args.max_points, n_samples=args.n_samples, seed=args.seed
+        )
+        if not distributed.world().is_main:
+            return
     rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items()]
     _print_table(rows)
     print(f"wrote {Path(args.run) / 'metrics.json'}")
@@ -301,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     from .training import TrainingDivergedError
 
     try:
+        from .distributed import from_env
+
+        if from_env().size > 1 and args.command not in ("train", "eval"):
+            raise UsageError(f"localfm {args.command} runs in one process; only train and eval run under torchrun")
         COMMANDS[args.command](args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, TrainingDivergedError) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -6,6 +6,7 @@ rebuilds its own model with nothing else.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -74,6 +75,11 @@ class TrainConfig:
     number of independent times per pair. ``ema`` is the decay of the weight average used after
     training (``None`` for none). ``amp``: bfloat16 autocast of the network's forward pass in
     training, on CUDA only (ignored, with a logged note, on the CPU).
+
+    ``parallel_blocks``: train the OU blocks independently against the exact OU marginals of the
+    data (side by side on different ranks under torchrun; see :mod:`localfm.parallel`), then push
+    the data through them and train the free block as usual; ``finetune_steps`` then trains each OU
+    block that many more steps on the pushed pool, in order, before the push through it.
     """
 
     steps: int | tuple[int, ...] = 2000
@@ -99,6 +105,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     amp: bool = False
+    parallel_blocks: bool = False
+    finetune_steps: int = 0
 
     def __post_init__(self) -> None:
         steps = self.steps if isinstance(self.steps, tuple) else (self.steps,)
@@ -107,7 +115,7 @@ class TrainConfig:
         for name in ("batch_size", "draws_per_pair", "push_batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "checkpoint_every", "step_size"):
+        for name in ("warmup", "checkpoint_every", "step_size", "finetune_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -126,6 +134,11 @@ class TrainConfig:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if self.pairing not in ("dependent", "shuffled", "independent"):
             raise ValueError(f"train.pairing must be dependent, shuffled or independent, got {self.pairing!r}")
+        if self.finetune_steps and not self.parallel_blocks:
+            raise ValueError(
+                f"train.finetune_steps ({self.finetune_steps}) fine-tunes blocks trained with "
+                "train.parallel_blocks: true; set that too, or drop train.finetune_steps"
+            )
         get_interpolant(self.interpolant)
         self.time_sampler()
 
@@ -139,6 +152,17 @@ class TrainConfig:
         if len(self.steps) != n_blocks:
             raise ValueError(f"train.steps lists {len(self.steps)} values but the flow has {n_blocks} blocks")
         return list(self.steps)
+
+    def sequential_steps(self, hs: list[float | None]) -> list[int]:
+        """Steps of each block (step sizes ``hs``, ``None`` = free) in the block-by-block pass.
+
+        ``steps_for`` except with ``parallel_blocks``, where the OU blocks were trained beforehand
+        and take ``finetune_steps`` here.
+        """
+        steps = self.steps_for(len(hs))
+        if not self.parallel_blocks:
+            return steps
+        return [s if h is None else self.finetune_steps for s, h in zip(steps, hs, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -291,7 +315,7 @@ def load_config(source: str | Path | dict[str, Any] | FlowConfig | None = None, 
     elif isinstance(source, FlowConfig):
         data = to_dict(source)
     elif isinstance(source, dict):
-        data = dict(source)
+        data = copy.deepcopy(source)  # --set overrides write into nested groups: never the caller's
     else:
         path = Path(source)
         if not path.is_file():

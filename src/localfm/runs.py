@@ -3,6 +3,9 @@
 A run folder holds ``config.yaml`` (the resolved config), ``run.json`` (package version, git
 revision, command, dataset), ``checkpoints/``, ``model/`` (the final flow), ``log.jsonl``
 (progress events), ``metrics.json``, ``plots/`` and ``report.md`` / ``report.html``.
+
+Under torchrun (after :func:`localfm.distributed.init`) :func:`train_run` and :func:`evaluate_run`
+run on every rank: the work is shared out, rank 0 alone writes into the run folder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import atomic_write_bytes, load, read_json, save, write_json
 from .config import FlowConfig, load_config, to_dict
 from .flow import LocalFlow
@@ -67,18 +70,23 @@ def train_run(
     time_budget: float | None = None,
     callback: Callable[[Progress], None] | None = None,
 ) -> tuple[LocalFlow, Path]:
-    """Train the config into the run folder ``out`` and save the final model in ``out/model``."""
+    """Train the config into the run folder ``out`` and save the final model in ``out/model``.
+
+    Under torchrun every rank calls this; ``callback`` is called on rank 0 only, and ``run.json``
+    records the world size and every rank's parameter digest (all equal, else an error is logged).
+    """
     cfg = load_config(config, overrides)
     out = Path(out)
+    world = distributed.world()
+    distributed.local_batch_size(cfg.train.batch_size, world)
     if out.exists() and (out / "model").exists() and not resume:
         raise ValueError(f"run folder {out} already holds a trained model; choose another --out or pass --resume")
     if resume and (out / "config.yaml").exists():
         saved = load_config(out / "config.yaml")
         if saved != cfg:
             raise ValueError(f"--resume: the config differs from the run's own {out / 'config.yaml'}")
-    ds = load_run_data(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    with distributed.main_first():  # rank 0 builds a missing dataset cache, the others read it
+        ds = load_run_data(cfg)
     info = {
         "localfm_version": __version__,
         "git_revision": git_revision(),
@@ -86,9 +94,14 @@ def train_run(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dataset": {"name": ds.name, "kind": ds.kind, "source": ds.source, "sizes": list(ds.sizes)},
         "time_budget": time_budget,
+        "world_size": world.size,
     }
-    write_json(out / "run.json", info)
-    log_file = (out / "log.jsonl").open("a")
+    log_file = None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        write_json(out / "run.json", info)
+        log_file = (out / "log.jsonl").open("a")
 
     def on_progress(p: Progress) -> None:
         if p.phase != "push" or p.step == p.steps:
@@ -103,16 +116,24 @@ def train_run(
             torch.from_numpy(ds.train[: cfg.data_limit]),
             cfg,
             time_budget=time_budget,
-            callback=on_progress,
+            callback=on_progress if world.is_main else None,
             run_dir=out,
             resume=resume,
         )
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     info["train_seconds"] = time.perf_counter() - t0
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    save(flow, out / "model")
-    write_json(out / "run.json", info)
+    if world.size > 1:  # DDP keeps the replicas equal; check that they ended equal
+        info["rank_digests"] = distributed.all_gather_object(distributed.digest(flow))
+        info["replicas_identical"] = len(set(info["rank_digests"])) == 1
+        if not info["replicas_identical"]:
+            log.error("the ranks ended with different parameters: %s", info["rank_digests"])
+    if world.is_main:
+        save(flow, out / "model")
+        write_json(out / "run.json", info)
+    distributed.barrier()  # the model is on disk before any rank goes on to use the folder
     return flow, out
 
 
@@ -132,7 +153,11 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Test NLL (nats, with standard error), bits/dim for images, and sample metrics; writes metrics.json."""
+    """Test NLL (nats, with standard error), bits/dim for images, and sample metrics; writes metrics.json.
+
+    Under torchrun the likelihood and the samples are shared out over the ranks (each rank draws
+    from its own generator, derived from ``seed``); every rank returns the metrics, rank 0 writes them.
+    """
     run = Path(run)
     flow = _flow_of(run)
     cfg = flow.config
@@ -148,7 +173,10 @@ def evaluate_run(
         n_samples = min(n_samples, len(ds.test))  # as many samples as reference images
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    lp = flow.log_prob(torch.from_numpy(x), generator=g, progress=progress, batch_size=batch)
+    lp = distributed.map_sharded(
+        lambda xs: flow.log_prob(xs, generator=distributed.rank_generator(g), progress=progress, batch_size=batch),
+        torch.from_numpy(x),
+    )
     metrics: dict[str, Any] = {"split": split, **nll_summary(lp), "log_prob_seconds": time.perf_counter() - t0}
     if ds.kind == "image":
         metrics.update(_bits_per_dim(metrics, flow.dim, ds.levels or 256))
@@ -158,7 +186,7 @@ def evaluate_run(
         h = true_entropy(ds, n=100_000, seed=seed)
         metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
     t0 = time.perf_counter()
-    samples = flow.sample(n_samples, generator=torch.Generator().manual_seed(seed + 1), batch_size=batch)
+    samples = _sample(flow, n_samples, torch.Generator().manual_seed(seed + 1), batch)
     metrics["sample_seconds"] = time.perf_counter() - t0
     ref = torch.from_numpy(ds.test[:n_samples]).double()
     if ds.kind != "image":
@@ -169,8 +197,18 @@ def evaluate_run(
     metrics["parameters"] = sum(p.numel() for p in flow.parameters())
     metrics["blocks"] = len(flow)
     metrics["dataset"] = ds.name
-    write_json(run / "metrics.json", metrics)
+    metrics["world_size"] = distributed.world().size
+    if distributed.world().is_main:
+        write_json(run / "metrics.json", metrics)
+    distributed.barrier()
     return metrics
+
+
+def _sample(flow: LocalFlow, n: int, generator: torch.Generator, batch_size: int = 65536) -> torch.Tensor:
+    """``flow.sample(n)``, each rank drawing its share from its own generator (``generator`` on rank 0)."""
+    a, b = distributed.shard_bounds(n)
+    local = flow.sample(max(b - a, 1), generator=distributed.rank_generator(generator), batch_size=batch_size)[: b - a]
+    return distributed.gather(local, n)
 
 
 def _bits_per_dim(m: dict[str, Any], dim: int, levels: int) -> dict[str, Any]:

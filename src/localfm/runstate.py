@@ -278,7 +278,8 @@ def _parse(path: Path, meta: dict, tensors: dict[str, Tensor], cfg: FlowConfig, 
     bs = meta["block_state"]
     state = None
     if bs is not None:
-        _expect(block < n_blocks and step < cfg.train.steps_for(n_blocks)[block], path, "no block left to train")
+        steps = cfg.train.sequential_steps(cfg.blocks.steps())
+        _expect(block < n_blocks and step < steps[block], path, "no block left to train")
         state = _restore_block(path, bs, tensors, cfg, flow, net_factory, device, dtype, step)
     return SavedRun(path, flow, block, step, float(elapsed), pool, rng, state)
 
