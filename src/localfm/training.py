@@ -527,12 +527,14 @@ def fit(
         if n == first_block:
             budget.restart(used)
         hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
-        deadline = budget.deadline(n, _estimate_push(state.net, hs[n], pool, cfg) if time_budget else 0.0)
+        last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
+        deadline = budget.deadline(n, _estimate_push(state.net, hs[n], pool, cfg) if time_budget and not last else 0.0)
         try:
             train_block(state, pool, hs[n], cfg.train, steps[n], generator=generator, **hooks.callbacks(deadline))
             flow.append(Block(state.net, hs[n]))
             t0 = time.perf_counter()
-            pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress)
+            if not last:
+                pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress)
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
         record = hooks.record(hs[n], state, time.perf_counter() - t0)
