@@ -226,9 +226,12 @@ def main() -> None:
             for kind, arg in cases.kill_plan(rng, KILLS_PER_RUN):
                 outcome = tally.run(f"SIGKILL after {kind}", kill_once, run_dir, kind, arg)
                 if outcome is not None:
-                    kills.append(outcome)
+                    kills.append(outcome.outcome)
                     tally.run("invariants after a kill", invariants, run_dir)
-            final = cases.run_target(run_dir, None, 0)
+            final = tally.run("resumed run finishes", cases.run_target, run_dir, None, 0)
+            if final is None:
+                runs.append({"finished": False, "identical": False, "diff": float("nan")})
+                continue
             identical, diff = cases.compare(reference, cases.final_tensors(run_dir))
             runs.append({"finished": final.last_line == "done", "identical": identical, "diff": diff})
             tally.run("resumed run bit-identical", same_model, identical, diff)
@@ -244,7 +247,7 @@ def main() -> None:
         "kills inside the pushforward": sum(k.killed and k.kind == "push" for k in kills),
         "runs finished after resuming": sum(r["finished"] for r in runs),
         "runs bit-identical to the uninterrupted run": sum(r["identical"] for r in runs),
-        "largest parameter difference": max(r["diff"] for r in runs),
+        "largest parameter difference": max((r["diff"] for r in runs if r["finished"]), default=float("nan")),
     }
     totals = {
         "kill points tried / passed": f"{sum(tally.tried[k] for k in tally.tried if k.startswith('SIGKILL'))} / "
