@@ -235,3 +235,28 @@ def test_tiny_image_run_through_localfm_train(tmp_path: Path) -> None:
     assert "classifier Frechet distance (not FID)" in report and "FID " not in report.replace("(not FID)", "")
     assert localfm.load(run / "model").blocks[0].net.__class__ is UNet
     assert json.loads((run / "run.json").read_text())["dataset"]["name"] == "digits"
+
+
+@pytest.mark.parametrize(
+    ("lfm", "fm", "shape"),
+    [("fashion_mnist_cpu", "fashion_mnist_cpu_fm", (1, 28, 28)), ("cifar10", "cifar10_fm", (3, 32, 32))],
+)
+def test_image_configs_pair_lfm_with_an_fm_twin_of_equal_size(lfm: str, fm: str, shape) -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    total = {}
+    for name in (lfm, fm):
+        cfg = localfm.load_config(root / f"{name}.yaml")
+        assert cfg.net.kind == "unet" and cfg.train.interpolant == "linear" and cfg.train.grad_clip == 1.0
+        assert cfg.train.ema and cfg.train.warmup > 0 and cfg.train.amp
+        with torch.device("meta"):
+            per_block = sum(p.numel() for p in build_net(shape, cfg.net).parameters())
+        hs = cfg.blocks.steps()
+        total[name] = per_block * len(hs)
+        steps = sum(cfg.train.steps_for(len(hs)))
+        if name == lfm:
+            assert hs == [0.1, 0.15, 0.225, None]
+        else:
+            assert hs == [None]
+        total[name + " steps"] = steps
+    assert abs(total[lfm] / total[fm] - 1) < 0.02  # equal total parameters
+    assert total[lfm + " steps"] == total[fm + " steps"]  # and equal numbers of training batches

@@ -331,8 +331,11 @@ class TimeBudget:
 
 
 def _estimate_push(block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig) -> float:
-    """Seconds to push the pool, from a timed push of a small slice (networks at init are close)."""
-    m = min(2048, pool.shape[0])
+    """Seconds to push the pool, from a timed push of a small slice (networks at init are close).
+
+    The slice is at most one push batch: for UNets on a CPU, 2,048 images already cost minutes.
+    """
+    m = min(2048, pool.shape[0], cfg.train.push_batch_size)
     t0 = time.perf_counter()
     push(Block(block_net, h), pool[:m], cfg.solver, cfg.train.push_batch_size)
     return (time.perf_counter() - t0) * pool.shape[0] / m
