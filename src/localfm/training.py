@@ -446,6 +446,10 @@ def fit(
 
     Returns:
         The trained :class:`LocalFlow`, with ``training_log`` filled in.
+
+    Under torchrun, after :func:`localfm.distributed.init`, call ``fit`` on every rank with the same
+    arguments (pass ``callback`` on rank 0 only): blocks train with DDP on the global batch, rank 0
+    alone writes checkpoints, and every rank returns the same flow (see :mod:`localfm.distributed`).
     """
     from . import runstate  # checkpoint I/O of training state
 
