@@ -323,10 +323,10 @@ class KillOutcome:
 def kill_plan(rng: random.Random, n: int) -> list[tuple[str, float]]:
     """``n`` kill points: after the k-th line of a kind (``train``, ``push``, ``write``) or t seconds after
     the first line."""
-    kinds = ["write", "push", "train", "time"] * (n // 4 + 1)
+    kinds = (["write", "push", "train", "time"] * (n // 4 + 1))[:n]  # every kind, in turn
     rng.shuffle(kinds)
     plan = []
-    for kind in kinds[:n]:
+    for kind in kinds:
         if kind == "time":
             plan.append((kind, round(rng.uniform(0.0, 1.5), 2)))
         else:
