@@ -52,7 +52,18 @@ __all__ = [
     "interleaved",
     "markdown_table",
     "write_results",
+    "render",
 ]
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+_LOAD_AT_IMPORT = _load_average()  # the scripts import this module first: the load when they started
 
 
 def set_threads(n: int | None) -> int:
@@ -84,10 +95,9 @@ def hardware() -> dict[str, Any]:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")
         + (" (set after torch loaded: not applied)" if _TORCH_LOADED_FIRST else ""),
     }
-    try:
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
+    if _LOAD_AT_IMPORT is not None:
+        info["load_average_1min_start"] = _LOAD_AT_IMPORT
+        info["load_average_1min"] = _load_average()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -169,8 +179,10 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        if abs(v) >= 1e7 or (v != 0 and abs(v) < 1e-3):
             return f"{v:.3g}"
+        if abs(v) >= 1000:
+            return f"{v:.0f}"
         return f"{v:.4g}"
     return str(v)
 
@@ -227,12 +239,13 @@ def write_results(
 
     ``sections`` maps a section title to its data: a list of row dicts becomes a table, a dict becomes
     a two-column table, anything else is written as text; ``section_notes`` adds a paragraph under a
-    section's table. The JSON holds ``meta``, the notes, ``sections`` and ``raw`` (measurements too
-    long for the Markdown file, e.g. every timing).
+    section's table. The JSON holds all of it plus ``raw`` (measurements too long for the Markdown
+    file, e.g. every timing); the Markdown file is rendered from the JSON alone (:func:`render`).
     """
     json_path = RESULTS / f"{name}.json"
     section_notes = section_notes or {}
     payload = {
+        "title": title,
         "meta": meta,
         "notes": notes.strip(),
         "sections": sections,
@@ -240,23 +253,36 @@ def write_results(
         "raw": raw or {},
     }
     _atomic_write(json_path, json.dumps(_plain(payload), indent=1) + "\n")
-    hw = meta["hardware"]
+    render(name)
+    return json_path
+
+
+def render(name: str) -> Path:
+    """(Re)write ``results/<name>.md`` from ``results/<name>.json``; returns the Markdown path."""
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    meta, hw = payload["meta"], payload["meta"]["hardware"]
+    load = ""
+    if "load_average_1min_start" in hw:
+        load = f", 1-min load average {hw['load_average_1min_start']} at start, {hw['load_average_1min']} at end"
+    elif "load_average_1min" in hw:
+        load = f", 1-min load average {hw['load_average_1min']}"
     md = [
-        f"# {title}\n",
+        f"# {payload.get('title', name)}\n",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- git revision: {meta['git_revision']}",
         f"- hardware: {hw['cpu']}, {hw['logical_cpus']} logical CPUs, torch {hw['torch']} with "
         f"{hw['torch_threads']} threads"
         + (f", GPU {hw['gpu']}" if "gpu" in hw else "")
-        + (f", OMP_WAIT_POLICY={hw['omp_wait_policy']}")
-        + (f", 1-min load average at start {hw['load_average_1min']}" if "load_average_1min" in hw else ""),
+        + (f", OMP_WAIT_POLICY={hw['omp_wait_policy']}" if "omp_wait_policy" in hw else "")
+        + load,
         f"- seeds: {meta['seeds']}",
         "",
     ]
-    if notes:
-        md += [notes.strip(), ""]
-    for heading, data in sections.items():
+    if payload.get("notes"):
+        md += [payload["notes"], ""]
+    section_notes = payload.get("section_notes", {})
+    for heading, data in payload["sections"].items():
         md.append(f"## {heading}\n")
         if isinstance(data, list) and data and isinstance(data[0], dict):
             md.append(markdown_table(data))
@@ -266,5 +292,12 @@ def write_results(
             md.append(f"{data}\n")
         if heading in section_notes:
             md.append(section_notes[heading].strip() + "\n")
-    _atomic_write(RESULTS / f"{name}.md", "\n".join(md))
-    return json_path
+    md_path = RESULTS / f"{name}.md"
+    _atomic_write(md_path, "\n".join(md))
+    return md_path
+
+
+if __name__ == "__main__":
+    # python benchmarks/_common.py NAME...: re-render results/NAME.md from results/NAME.json.
+    for arg in sys.argv[1:]:
+        print(render(arg))
