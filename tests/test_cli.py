@@ -79,14 +79,16 @@ def test_plot_and_report(run: Path) -> None:
 
 
 def test_resume_continues_a_finished_run_without_retraining(run: Path, tmp_path: Path) -> None:
-    proc = localfm("train", str(SMALL), "--out", str(run), "--set", "train.steps=150", "--resume", "--no-eval",
-                   cwd=tmp_path)
+    proc = localfm(
+        "train", str(SMALL), "--out", str(run), "--set", "train.steps=150", "--resume", "--no-eval", cwd=tmp_path
+    )
     assert "trained 3 blocks" in proc.stdout
 
 
 def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path: Path) -> None:
-    proc = localfm("train", str(SMALL), "--set", "train.lr=3e-4", "--dry-run", "--out", str(tmp_path / "r"),
-                   cwd=tmp_path)
+    proc = localfm(
+        "train", str(SMALL), "--set", "train.lr=3e-4", "--dry-run", "--out", str(tmp_path / "r"), cwd=tmp_path
+    )
     assert "lr: 0.0003" in proc.stdout and "dry run" in proc.stdout
     assert not (tmp_path / "r").exists()
 
@@ -97,11 +99,15 @@ def test_datasets_lists_every_kind(tmp_path: Path) -> None:
         assert name in out
 
 
-def test_version_and_help(tmp_path: Path) -> None:
+def test_version_and_help(tmp_path: Path, capsys) -> None:
     assert localfm("--version", cwd=tmp_path).stdout.startswith("localfm ")
+    from localfm.cli import main
+
+    # --help of every command, in-process (each command also runs as a subprocess above and below).
     for cmd in ["demo", "train", "sample", "eval", "plot", "report", "datasets"]:
-        out = localfm(cmd, "--help", cwd=tmp_path).stdout
-        assert "examples:" in out, cmd
+        with pytest.raises(SystemExit) as stop:
+            main([cmd, "--help"])
+        assert stop.value.code == 0 and "examples:" in capsys.readouterr().out, cmd
 
 
 @pytest.mark.parametrize(

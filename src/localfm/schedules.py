@@ -33,7 +33,13 @@ def geometric_steps(c: float, rho: float, L: int) -> list[float]:
         raise ValueError(f"number of OU blocks L must be >= 0, got {L}")
     if not (c > 0 and rho > 0):
         raise ValueError(f"geometric steps need c > 0 and rho > 0, got c={c}, rho={rho}")
-    return [c * rho**n for n in range(L)]
+    try:
+        h = [c * rho**n for n in range(L)]
+    except OverflowError:
+        h = [math.inf]
+    if not all(math.isfinite(h_n) and h_n > 0 for h_n in h):
+        raise ValueError(f"geometric steps c * rho^(n-1) leave the finite positive numbers for c={c}, rho={rho}, L={L}")
+    return h
 
 
 def block_steps(h: Sequence[float], free_block: bool) -> list[float | None]:
