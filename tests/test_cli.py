@@ -135,3 +135,17 @@ def test_demo_quick_writes_a_report(tmp_path: Path) -> None:
     assert "report.html" in proc.stdout
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert m["dataset"] == "tree" and np.isfinite(m["nll"])
+
+
+def test_distill_then_sample_and_eval_the_student(run: Path) -> None:
+    proc = localfm("distill", str(run), "--train-steps", "60", cwd=run.parent)
+    student = run / "distilled-k1"
+    assert (student).is_dir() and str(student) in proc.stdout
+    out = run.parent / "d.npy"
+    localfm("sample", str(student), "-n", "300", "--out", str(out), cwd=run.parent)
+    x = np.load(out)
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    localfm("eval", str(student), "--n-samples", "500", cwd=run.parent)
+    m = json.loads((student / "metrics.json").read_text())
+    # One step per block: as many network evaluations per sample as blocks, and no likelihood.
+    assert m["network_evaluations_per_sample"] == 3 and "nll" not in m and m["energy_distance"] < 1.0

@@ -28,6 +28,10 @@ EXAMPLES = {
     "plot": "localfm plot runs/tree",
     "report": "localfm report runs/tree",
     "datasets": "localfm datasets",
+    "distill": "localfm distill runs/tree                 # one step per block: runs/tree/distilled-k1\n"
+    "  localfm distill runs/tree --steps 2 --group-size 3\n"
+    "  localfm sample runs/tree/distilled-k1 -n 10000\n"
+    "  localfm eval runs/tree/distilled-k1",
 }
 
 
@@ -59,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = add("demo", "train a small LFM on the 2-D tree density and write a report")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    d.add_argument("--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 150)")
+    d.add_argument(
+        "--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 150)"
+    )
     d.add_argument("--quick", action="store_true", help="a 30-second smoke version")
 
     t = add("train", "train an LFM from a YAML config into a run folder")
@@ -99,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder")
 
     add("datasets", "list the datasets localfm knows, with shapes, splits and sources")
+
+    ds = add("distill", "distil every block of a run into a few-step student map for fast sampling")
+    ds.add_argument("run", help="run folder")
+    ds.add_argument("--steps", type=int, default=1, help="steps per student (default 1)")
+    ds.add_argument("--group-size", type=int, default=None, help="merge this many consecutive blocks per student")
+    ds.add_argument("--train-steps", type=int, default=None, help="regression steps per student")
     return p
 
 
@@ -307,6 +319,17 @@ def cmd_datasets(args) -> None:
         print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
 
 
+def cmd_distill(args) -> None:
+    from .runs import distill_run_cli
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    out = distill_run_cli(
+        args.run, args.steps, group_size=args.group_size, train_steps=args.train_steps, callback=_progress_bar()
+    )
+    print(f"distilled model in {out}; sample with: localfm sample {out} -n 10000")
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
@@ -315,6 +338,7 @@ COMMANDS = {
     "plot": cmd_plot,
     "report": cmd_report,
     "datasets": cmd_datasets,
+    "distill": cmd_distill,
 }
 
 

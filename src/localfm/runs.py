@@ -144,6 +144,38 @@ def _flow_of(run: Path) -> LocalFlow:
     return load(run / "model")
 
 
+def _model_of(path: Path):
+    """The model behind ``path``: a run folder's flow, or a distilled model's folder.
+
+    Returns ``(model, data_config)``; the data config names the dataset the model was trained on.
+    """
+    from .distill import is_distilled, load_distilled
+
+    path = Path(path)
+    if is_distilled(path):
+        model = load_distilled(path)
+        return model, model.teacher_config
+    flow = _flow_of(path)
+    return flow, flow.config
+
+
+def distill_run_cli(
+    run: str | Path, steps: int = 1, *, group_size: int | None = None, train_steps: int | None = None, callback=None
+) -> Path:
+    """Distil a run's model into ``run/distilled-k{steps}`` (see :mod:`localfm.distill`)."""
+    from .distill import distill_run
+
+    config = {"train_steps": train_steps} if train_steps is not None else None
+    return distill_run(
+        run,
+        steps,
+        load_data=lambda cfg: torch.from_numpy(load_run_data(cfg).train),
+        config=config,
+        group_size=group_size,
+        callback=callback,
+    )
+
+
 def evaluate_run(
     run: str | Path,
     *,
@@ -159,8 +191,7 @@ def evaluate_run(
     from its own generator, derived from ``seed``); every rank returns the metrics, rank 0 writes them.
     """
     run = Path(run)
-    flow = _flow_of(run)
-    cfg = flow.config
+    flow, cfg = _model_of(run)
     ds = load_run_data(cfg)
     x = ds.split(split)
     if max_points is not None and max_points < len(x):
@@ -172,19 +203,23 @@ def evaluate_run(
         x, batch = dequantize(x, np.random.default_rng([seed, 1]), levels=ds.levels or 256), 256
         n_samples = min(n_samples, len(ds.test))  # as many samples as reference images
     g = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    lp = distributed.map_sharded(
-        lambda xs: flow.log_prob(xs, generator=distributed.rank_generator(g), progress=progress, batch_size=batch),
-        torch.from_numpy(x),
-    )
-    metrics: dict[str, Any] = {"split": split, **nll_summary(lp), "log_prob_seconds": time.perf_counter() - t0}
-    if ds.kind == "image":
-        metrics.update(_bits_per_dim(metrics, flow.dim, ds.levels or 256))
-    if ds.log_prob is not None and ds.sampler is not None:
-        from .datasets import true_entropy
+    metrics: dict[str, Any] = {"split": split}
+    if isinstance(flow, LocalFlow):  # a distilled model has samples, not an exact likelihood
+        t0 = time.perf_counter()
+        lp = distributed.map_sharded(
+            lambda xs: flow.log_prob(xs, generator=distributed.rank_generator(g), progress=progress, batch_size=batch),
+            torch.from_numpy(x),
+        )
+        metrics.update(nll_summary(lp), log_prob_seconds=time.perf_counter() - t0)
+        if ds.kind == "image":
+            metrics.update(_bits_per_dim(metrics, flow.dim, ds.levels or 256))
+        if ds.log_prob is not None and ds.sampler is not None:
+            from .datasets import true_entropy
 
-        h = true_entropy(ds, n=100_000, seed=seed)
-        metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
+            h = true_entropy(ds, n=100_000, seed=seed)
+            metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
+    else:
+        metrics["network_evaluations_per_sample"] = flow.nfe
     t0 = time.perf_counter()
     samples = _sample(flow, n_samples, torch.Generator().manual_seed(seed + 1), batch)
     metrics["sample_seconds"] = time.perf_counter() - t0
@@ -241,9 +276,10 @@ def _classifier_frechet(ds, samples: torch.Tensor, reference: np.ndarray) -> dic
 
 
 def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: int = 0) -> tuple[np.ndarray, Path]:
-    """``n`` samples in data units, written to ``out`` (.npy or .csv; default run/samples.npy)."""
+    """``n`` samples in data units from a run or a distilled model, written to ``out`` (.npy or .csv;
+    default ``run/samples.npy``)."""
     run = Path(run)
-    flow = _flow_of(run)
+    flow, _ = _model_of(run)
     out = Path(out) if out is not None else run / "samples.npy"
     if out.suffix not in (".npy", ".csv"):
         raise ValueError(f"--out must end in .npy or .csv, got {out.name}")
