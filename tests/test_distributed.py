@@ -160,6 +160,20 @@ def test_global_batch_must_split_evenly() -> None:
         distributed.local_batch_size(255, distributed.World(0, 2, 0))
 
 
+def test_world_from_torchrun_environment(monkeypatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.from_env() == distributed.World(0, 1, 0)
+    monkeypatch.setenv("RANK", "3")  # RANK alone, as some schedulers set it: no torchrun world
+    assert distributed.from_env() == distributed.World(0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.from_env() == distributed.World(3, 4, 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK=4 and WORLD_SIZE=4"):
+        distributed.from_env()
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
 def test_shards_cover_the_points_in_order(size: int) -> None:
     for n in range(0, 40):

@@ -90,6 +90,8 @@ def _env_int(name: str, default: int) -> int:
 
 def from_env() -> World:
     """The world torchrun announces in ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (rank 0 of 1 without them)."""
+    if not os.environ.get("WORLD_SIZE"):
+        return World()  # RANK alone (set by some schedulers) is no torchrun world
     size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank)
