@@ -50,6 +50,8 @@ class BlocksConfig:
             raise ValueError("blocks.schedule is 'list' with an empty blocks.h and no free block: no blocks")
         if self.schedule != "list" and self.h:
             raise ValueError(f"blocks.h is given but blocks.schedule is {self.schedule!r}: set schedule: list")
+        if self.L > 10_000:
+            raise ValueError(f"blocks.L must be at most 10000, got {self.L}")
         self.steps()  # validates every h_n
 
     def steps(self) -> list[float | None]:

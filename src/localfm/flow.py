@@ -34,7 +34,7 @@ def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None)
         raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (N, d) or (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or x[0].numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if event_shape is not None and tuple(x.shape[1:]) != tuple(event_shape):
         raise ValueError(f"{name} has points of shape {tuple(x.shape[1:])}, the model expects {tuple(event_shape)}")

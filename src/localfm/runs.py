@@ -81,10 +81,7 @@ def train_run(
     distributed.local_batch_size(cfg.train.batch_size, world)
     if out.exists() and (out / "model").exists() and not resume:
         raise ValueError(f"run folder {out} already holds a trained model; choose another --out or pass --resume")
-    if resume and (out / "config.yaml").exists():
-        saved = load_config(out / "config.yaml")
-        if saved != cfg:
-            raise ValueError(f"--resume: the config differs from the run's own {out / 'config.yaml'}")
+    # With --resume, the checkpoint itself decides which changes are allowed (the learning rate, say).
     with distributed.main_first():  # rank 0 builds a missing dataset cache, the others read it
         ds = load_run_data(cfg)
     info = {
