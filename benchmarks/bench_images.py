@@ -17,7 +17,7 @@ seeds. Runs alternate LFM / FM so both see the same background load.
 
     python benchmarks/bench_images.py --quick                # CI smoke run on 8x8 digits, < 90 s
     python benchmarks/bench_images.py                        # Fashion-MNIST, 3 seeds x 2 x 1 h
-    python benchmarks/bench_images.py --budget 600 --seeds 0 # a shorter Fashion-MNIST run
+    python benchmarks/bench_images.py --budget 600 --seeds 0 --name images_short  # a shorter run
 """
 
 from __future__ import annotations
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="samples per set (default 1000)")
     parser.add_argument("--sample-sets", type=int, default=None, help="independent sample sets (default 3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=None, help="results file name (default images, quick: images_quick)")
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
@@ -190,7 +191,7 @@ def main() -> None:
             )
 
     per_run = [{k: v for k, v in r.items() if k != "cfd_sets"} for r in rows]
-    name = "images_quick" if q else "images"
+    name = args.name or ("images_quick" if q else "images")
     path = write_results(
         name,
         "LFM vs FM on images: equal total parameters, equal wall-clock",
