@@ -89,7 +89,7 @@ def draw_gaussian(n: int, seed: int) -> torch.Tensor:
     return MEAN + torch.randn(n, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(COV).T
 
 
-def gaussian_configs(quick: bool) -> dict[str, dict]:
+def gaussian_configs() -> dict[str, dict]:
     """LFM (3 OU blocks + free block, POWER's step sizes) and FM (one free block), same network.
 
     The target velocity fields of a Gaussian are close to linear, so a 64 x 3 softplus MLP is
@@ -111,7 +111,7 @@ def run_gaussian(args, flows: dict) -> list[dict]:
     x_train = draw_gaussian(args.n_train, args.seed).float()
     x_test = draw_gaussian(args.n_test, args.seed + 1)
     rows = []
-    for name, cfg in gaussian_configs(args.quick).items():
+    for name, cfg in gaussian_configs().items():
         t0 = time.perf_counter()
         flow = localfm.fit(x_train, cfg, time_budget=args.budget, seed=args.seed)
         fit_seconds = time.perf_counter() - t0
@@ -156,7 +156,7 @@ def run_gaussian(args, flows: dict) -> list[dict]:
 # --- 2. Invertibility -------------------------------------------------------------------------
 def run_invertibility(args, flows: dict) -> list[dict]:
     if not flows:  # run on its own: a short LFM fit gives a trained flow to invert
-        cfg = gaussian_configs(True)["LFM"]
+        cfg = gaussian_configs()["LFM"]
         flows["LFM"] = localfm.fit(draw_gaussian(args.n_train, args.seed).float(), cfg, time_budget=10, seed=args.seed)
     solver = SolverConfig(method="dopri5", rtol=1e-8, atol=1e-8)
     x = draw_gaussian(args.n_invert, args.seed + 2)
@@ -416,7 +416,7 @@ def main() -> None:
     flows: dict = {}
     if "gaussian" in sections:
         results[S_GAUSS] = run_gaussian(args, flows)
-        raw["gaussian_configs"] = gaussian_configs(q)
+        raw["gaussian_configs"] = gaussian_configs()
         raw["gaussian"] = {"mean": MEAN.tolist(), "cov": COV.tolist(), "n_train": args.n_train, "n_test": args.n_test}
     if "invertibility" in sections:
         results[S_INV] = run_invertibility(args, flows)
