@@ -234,6 +234,17 @@ def test_tiny_image_run_through_localfm_train(tmp_path: Path) -> None:
     report = (run / "report.md").read_text()
     assert "classifier Frechet distance (not FID)" in report and "FID " not in report.replace("(not FID)", "")
     assert localfm.load(run / "model").blocks[0].net.__class__ is UNet
+    proc = subprocess.run(
+        [sys.executable, "-m", "localfm.cli", "sample", "run", "-n", "3", "--out", "s.csv"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0 and "shape (1, 8, 8)" in proc.stdout, proc.stderr[-2000:]
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(len(r.split(",")) == 64 for r in rows)
     assert json.loads((run / "run.json").read_text())["dataset"]["name"] == "digits"
 
 

@@ -273,7 +273,8 @@ def cmd_sample(args) -> None:
     if args.n < 1:
         raise UsageError(f"-n must be a positive number of samples, got {args.n}")
     x, out = sample_run(args.run, args.n, args.out, seed=args.seed)
-    print(f"wrote {len(x):,} samples of dimension {x.shape[1]} to {out}")
+    size = f"dimension {x.shape[1]}" if x.ndim == 2 else f"shape {tuple(x.shape[1:])}"
+    print(f"wrote {len(x):,} samples of {size} to {out}")
 
 
 def cmd_eval(args) -> None:

@@ -280,7 +280,8 @@ def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: 
     out = Path(out) if out is not None else run / "samples.npy"
     if out.suffix not in (".npy", ".csv"):
         raise ValueError(f"--out must end in .npy or .csv, got {out.name}")
-    x = flow.sample(n, generator=torch.Generator().manual_seed(seed)).double().numpy()
+    batch = 256 if len(flow.event_shape) == 3 else 65536  # UNet activations of a batch of images add up
+    x = flow.sample(n, generator=torch.Generator().manual_seed(seed), batch_size=batch).double().numpy()
     if out.suffix == ".npy":
         import io
 
@@ -288,7 +289,7 @@ def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: 
         np.save(buf, x)
         atomic_write_bytes(out, buf.getvalue())
     else:
-        lines = [",".join(f"x{i}" for i in range(x.shape[1]))] + [
+        lines = [",".join(f"x{i}" for i in range(math.prod(flow.event_shape)))] + [  # images: C*H*W values a row
             ",".join(f"{v:.9g}" for v in row) for row in x.reshape(len(x), -1)
         ]
         atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
