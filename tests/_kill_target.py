@@ -29,7 +29,7 @@ CONFIG = {
     "seed": 3,
     "dtype": "float64",
     "net": {"width": 16, "depth": 2, "activation": "tanh"},
-    "blocks": {"schedule": "list", "h": [0.2, 0.4], "free_block": True},
+    "blocks": {"schedule": "list", "h": [0.2, 0.3, 0.4], "free_block": True},
     "train": {
         "steps": 60,
         "batch_size": 64,

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .config import FlowConfig, to_dict
 from .flow import LocalFlow
-from .training import BlockState, fresh_net
+from .training import BlockState, fresh_net, make_optimizer
 
 __all__ = ["Checkpointer", "latest", "SavedRun", "RESUMABLE_CHANGES"]
 
@@ -290,7 +290,7 @@ def _restore_block(path, bs: dict, tensors, cfg: FlowConfig, flow, net_factory, 
     net = fresh_net(dim, cfg, 0, net_factory).to(device, dtype)  # initial values are overwritten below
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     _expect(all(torch.isfinite(p).all() for p in net.parameters()), path, "the network in training is not finite")
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(net, cfg.train)
     per_param: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):

@@ -132,8 +132,20 @@ def lr_factor(step: int, steps: int, tc: TrainConfig, progress: float | None = N
     return 1.0
 
 
+def make_optimizer(net: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the network's parameters; the fused kernel where the device has one.
+
+    Fused Adam measured 1.07-1.16x faster per training step on CPU (benchmarks/results/core.md).
+    """
+    params = list(net.parameters())
+    try:
+        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def new_block_state(net: nn.Module, tc: TrainConfig) -> BlockState:
-    opt = torch.optim.Adam(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(net, tc)
     ema = {k: v.detach().clone() for k, v in net.named_parameters()} if tc.ema else None
     return BlockState(net, opt, ema)
 
