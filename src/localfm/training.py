@@ -541,13 +541,16 @@ def fit(
             ),
         )
 
+    push_s = None  # seconds one pushforward of the pool takes, for the time budget
     for n in range(first_block, len(hs)):  # data -> noise, one block at a time
         state = state or start_block(n)
         if n == first_block:
             budget.restart(used)
         hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
         last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
-        deadline = budget.deadline(n, _estimate_push(state.net, hs[n], pool, cfg) if time_budget and not last else 0.0)
+        if time_budget and not last and push_s is None:  # later blocks use the last push measured
+            push_s = _estimate_push(state.net, hs[n], pool, cfg)
+        deadline = budget.deadline(n, push_s if time_budget and not last else 0.0)
         try:
             train_block(state, pool, hs[n], cfg.train, steps[n], generator=generator, **hooks.callbacks(deadline))
             flow.append(Block(state.net, hs[n]))
@@ -557,6 +560,7 @@ def fit(
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
         record = hooks.record(hs[n], state, time.perf_counter() - t0)
+        push_s = record["push_seconds"] if not last else push_s
         flow.training_log.append(parallel[n].merged(record) if n in parallel else record)
         state = None
         if ckpt is not None:
