@@ -35,7 +35,7 @@ EXAMPLES = {
 }
 
 
-DEMO_BUDGET = 150.0  # seconds of training (pushforward included) for `localfm demo`
+DEMO_BUDGET = 140.0  # seconds of training (pushforward included) for `localfm demo`
 
 
 class UsageError(Exception):
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "train a small LFM on the 2-D tree density and write a report")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument(
-        "--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 150)"
+        "--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 140)"
     )
     d.add_argument("--quick", action="store_true", help="a 30-second smoke version")
 
@@ -167,13 +167,13 @@ def _after_training(run: Path, *, quick: bool = False) -> None:
     main = distributed.world().is_main
     if main:
         print("evaluating on the test split ...", file=sys.stderr)
-    points, n = (5_000, 2_000) if quick else (None, 10_000)
+    points, n = (5_000, 2_000) if quick else (None, 5_000)
     if _run_kind(run) == "image":  # Hutchinson likelihoods and ODE samples of UNets: slow on a CPU
         points, n = (100, 200) if quick else (500, 1_000)
     m = evaluate_run(run, max_points=points, n_samples=n)
     if not main:  # the evaluation is shared out; plots and the report are rank 0's
         return
-    plot_run(run, n_samples=5_000 if quick else 20_000)
+    plot_run(run, n_samples=5_000 if quick else 10_000)
     md, html = write_report(run)
     rows = [("test NLL", f"{m['nll']:.4f} ± {m['nll_se']:.4f} nats")]
     if "true_entropy" in m:

@@ -87,7 +87,7 @@ def plot_block_paths(encode_path: list[np.ndarray], decode_path: list[np.ndarray
     return _save(fig, path)
 
 
-def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution: int = 160) -> Path:
+def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution: int = 128) -> Path:
     """Heat map of the learned density (and the true one when known) on a grid over ``box``."""
     plt = _plt()
     xs = np.linspace(box[0], box[1], resolution)
