@@ -118,9 +118,7 @@ def test_fit_rejects_malformed_data(x):
 @FAST
 @given(seeds)
 def test_user_data_files(seed):
-    datasets = pytest.importorskip("localfm.datasets")
-    if not hasattr(datasets, "load_user_file"):
-        pytest.skip("localfm.datasets.load_user_file does not exist yet")
+    from localfm import datasets
     with tempfile.TemporaryDirectory() as tmp:
         path = cases.malformed_data(random.Random(seed), Path(tmp))
         ds = _expect_library_error(datasets.load_user_file, path)

@@ -8,6 +8,7 @@ point of its noise side ``x_r`` (t = 1). Flow matching regresses the velocity ne
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +17,16 @@ from torch import Tensor
 __all__ = ["Interpolant", "TrigInterpolant", "LinearInterpolant", "TimeSampler", "get_interpolant"]
 
 
-class Interpolant:
+class Interpolant(ABC):
     """Base class: ``x_t = I_t(x_l, x_r)`` and its time derivative ``dx_t = dI_t/dt``."""
 
     name: str = ""
 
-    def x_t(self, x_l: Tensor, x_r: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def x_t(self, x_l: Tensor, x_r: Tensor, t: Tensor) -> Tensor: ...
 
-    def dx_t(self, x_l: Tensor, x_r: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def dx_t(self, x_l: Tensor, x_r: Tensor, t: Tensor) -> Tensor: ...
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
