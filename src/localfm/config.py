@@ -82,6 +82,9 @@ class TrainConfig:
     data (side by side on different ranks under torchrun; see :mod:`localfm.parallel`), then push
     the data through them and train the free block as usual; ``finetune_steps`` then trains each OU
     block that many more steps on the pushed pool, in order, before the push through it.
+
+    ``context_dropout``: for conditional flows, the probability that a pair's context is replaced
+    by the network's learned null context (classifier-free guidance; ``guidance=`` at sampling).
     """
 
     steps: int | tuple[int, ...] = 2000
@@ -109,6 +112,7 @@ class TrainConfig:
     amp: bool = False
     parallel_blocks: bool = False
     finetune_steps: int = 0
+    context_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         steps = self.steps if isinstance(self.steps, tuple) else (self.steps,)
@@ -141,6 +145,8 @@ class TrainConfig:
                 f"train.finetune_steps ({self.finetune_steps}) fine-tunes blocks trained with "
                 "train.parallel_blocks: true; set that too, or drop train.finetune_steps"
             )
+        if not 0 <= self.context_dropout < 1:
+            raise ValueError(f"train.context_dropout must be a probability in [0, 1), got {self.context_dropout}")
         get_interpolant(self.interpolant)
         self.time_sampler()
 

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import CheckpointError, check_header, read_json, read_tensors, write_json, write_tensors
 from .config import FlowConfig, from_dict, to_dict
-from .flow import FlowOutput, LocalFlow, Standardizer, check_data
+from .flow import FlowOutput, LocalFlow, Standardizer, check_context, check_data
 from .nets import build_net
 from .ode import SolverConfig
 from .training import Progress, push
@@ -183,10 +183,12 @@ class Student(nn.Module):
         super().__init__()
         self.net, self.steps, self.first, self.last = net, int(steps), int(first), int(last)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``context`` (B, c) conditions a student of a conditional flow, as it did the teacher."""
         k = self.steps
         for j in range(k):
-            x = x - self.net(x, _time(1 - j / k, x)) / k
+            t = _time(1 - j / k, x)
+            x = x - (self.net(x, t) if context is None else self.net(x, t, context)) / k
         return x
 
     def extra_repr(self) -> str:
@@ -231,6 +233,11 @@ class DistilledFlow(nn.Module):
     def device(self) -> torch.device:
         return self.standardizer.mean.device
 
+    @property
+    def context_dim(self) -> int:
+        """Size c of the context the students take (0: unconditional), as the teacher's."""
+        return int(getattr(self.students[0].net, "context_dim", 0)) if len(self.students) else 0
+
     def _dtype(self) -> torch.dtype:
         for p in self.parameters():
             return p.dtype
@@ -240,18 +247,30 @@ class DistilledFlow(nn.Module):
         return f"event_shape={self.event_shape}, students={len(self)}, nfe={self.nfe}"
 
     @torch.no_grad()
-    def decode(self, z: Tensor, *, return_path: bool = False) -> FlowOutput:
-        """Codes ``z`` (B, ...) to data units; ``nfe`` lists each student's evaluations, data side first."""
+    def decode(self, z: Tensor, *, return_path: bool = False, context: Tensor | None = None) -> FlowOutput:
+        """Codes ``z`` (B, ...) to data units; ``nfe`` lists each student's evaluations, data side first.
+
+        A distilled conditional flow takes ``context`` (B, c) like its teacher.
+        """
         z = check_data(z, "z", self.event_shape).to(self.device, self._dtype())
+        context = check_context(context, z.shape[0], self.context_dim)
+        context = context.to(z) if context is not None else None
         x, path = z, [z] if return_path else None
         for student in reversed(self.students):
-            x = student(x)
+            x = student(x, context)
             if return_path:
                 path.append(x)
         out_path = [self.standardizer.inverse(p) for p in path] if return_path else None
         return FlowOutput(self.standardizer.inverse(x), None, [s.steps for s in self.students], out_path)
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, batch_size: int = 65536) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        batch_size: int = 65536,
+        context: Tensor | None = None,
+    ) -> Tensor:
         """``n`` samples in data units; draws ``z`` exactly as ``LocalFlow.sample`` does, so the
         same generator state gives the teacher's and the student's images of the same noise."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
@@ -261,7 +280,13 @@ class DistilledFlow(nn.Module):
         n = int(n)
         device = generator.device if generator is not None else self.device
         z = torch.randn((n, *self.event_shape), generator=generator, dtype=self._dtype(), device=device)
-        return torch.cat([self.decode(z[i : i + batch_size]).x for i in range(0, n, batch_size)])
+        context = check_context(context, n, self.context_dim)
+        return torch.cat(
+            [
+                self.decode(z[i : i + batch_size], context=None if context is None else context[i : i + batch_size]).x
+                for i in range(0, n, batch_size)
+            ]
+        )
 
     def log_prob(self, *args, **kwargs) -> Tensor:
         raise NoLikelihoodError(
@@ -285,21 +310,35 @@ class TeacherPairs:
     ``data[n]`` (n = 0..N): the training data pushed through blocks ``1..n`` (``data[0]`` the
     standardised data), or ``None``. ``generation[n]``: fresh noise ``generation[N]`` decoded by
     the teacher down to block ``n + 1``, or ``None``. ``val`` is held-out generation-side points.
+    For a conditional teacher, ``contexts[k]`` (k in ``data``, ``generation``, ``val``) holds the
+    context of each trajectory of ``k`` (the generation side draws them from the training contexts).
     """
 
     data: list[Tensor] | None
     generation: list[Tensor] | None
     val: list[Tensor] | None
+    contexts: dict[str, Tensor] | None = None
 
 
 @torch.no_grad()
-def _decode_path(flow: LocalFlow, z: Tensor, solver: SolverConfig, batch_size: int) -> list[Tensor]:
+def _decode_path(
+    flow: LocalFlow, z: Tensor, solver: SolverConfig, batch_size: int, context: Tensor | None = None
+) -> list[Tensor]:
     """``[x_0, .., x_N]`` for codes ``x_N = z``: each block's inverse applied in turn, in batches."""
     path = [z]
+
+    def ctx(i: int) -> Tensor | None:
+        return None if context is None else context[i : i + batch_size]
+
     for block in reversed(flow.blocks):
         x = path[-1]
         path.append(
-            torch.cat([block.inverse(x[i : i + batch_size], solver=solver).x for i in range(0, len(x), batch_size)])
+            torch.cat(
+                [
+                    block.inverse(x[i : i + batch_size], solver=solver, context=ctx(i)).x
+                    for i in range(0, len(x), batch_size)
+                ]
+            )
         )
     return path[::-1]
 
@@ -312,9 +351,25 @@ def teacher_pairs(
     pools: list[Tensor] | None = None,
     generator: torch.Generator,
     callback: Callable[[Progress], None] | None = None,
+    context: Tensor | None = None,
 ) -> TeacherPairs:
-    """Build the regression pairs of :func:`distill` (see the module docstring)."""
+    """Build the regression pairs of :func:`distill` (see the module docstring).
+
+    ``context`` (N, c), row-aligned with ``x_train`` (or ``pools``), is needed for a conditional
+    teacher: the data side keeps each point's context, the generation side draws contexts from it.
+    """
     N, dtype, device = len(flow), flow._dtype(), flow.device
+    # The data side's points, or (generation side only) any number of contexts to draw from.
+    rows = len(x_train) if x_train is not None else (len(pools[0]) if pools is not None else None)
+    rows = rows if rows is not None else (len(context) if context is not None else 0)
+    if flow.context_dim and context is None:
+        raise ValueError(
+            f"the teacher is conditional (net.context_dim = {flow.context_dim}): pass context= (N, c), "
+            "one row per training point"
+        )
+    context = check_context(context, rows, flow.context_dim) if context is not None else None
+    context = context.to(device, dtype) if context is not None else None
+    contexts: dict[str, Tensor] = {}
     batch = flow.config.train.push_batch_size if flow.config is not None else 16384
     solver = config.solver or flow.solver
     data = None
@@ -325,10 +380,16 @@ def teacher_pairs(
                     f"pools must hold N + 1 = {N + 1} tensors (data side of block 1 to codes), got {len(pools)}"
                 )
             data = [check_data(p, f"pools[{i}]", flow.event_shape).to(device, dtype) for i, p in enumerate(pools)]
+            if context is not None:
+                contexts["data"] = context
         elif x_train is not None:
             x = check_data(x_train, "x_train", flow.event_shape).to(device, dtype)
+            c = context
             if config.data_pairs is not None and x.shape[0] > config.data_pairs:
-                x = x[torch.randperm(x.shape[0], generator=generator, device=generator.device)[: config.data_pairs]]
+                keep = torch.randperm(x.shape[0], generator=generator, device=generator.device)[: config.data_pairs]
+                x, c = x[keep], (c[keep] if c is not None else None)
+            if c is not None:
+                contexts["data"] = c
             data = [flow.standardizer(x)]
             # The same pushforward as training: the flow's solver, training's push batch size.
             for n, block in enumerate(flow.blocks):
@@ -338,7 +399,7 @@ def teacher_pairs(
                     def report(done: int, total: int, n: int = n) -> None:
                         callback(Progress("push", n, N, done, total))
 
-                data.append(push(block, data[-1], flow.solver, batch, report))
+                data.append(push(block, data[-1], flow.solver, batch, report, contexts.get("data")))
         else:
             raise ValueError(
                 f"distill needs x_train= or pools= for the data-side pairs (distill.generation_fraction is "
@@ -350,12 +411,19 @@ def teacher_pairs(
         z = torch.randn(
             (n_gen + config.val_pairs, *flow.event_shape), generator=generator, device=generator.device, dtype=dtype
         )
+        c = None
+        if context is not None:
+            c = context[torch.randint(context.shape[0], (z.shape[0],), generator=generator, device=generator.device)]
+            if n_gen:
+                contexts["generation"] = c[:n_gen]
+            if config.val_pairs:
+                contexts["val"] = c[n_gen:]
         if callback is not None:
             callback(Progress("decode", N - 1, N, 0, z.shape[0]))
-        path = _decode_path(flow, z.to(device), solver, batch)
+        path = _decode_path(flow, z.to(device), solver, batch, c)
         generation = [p[:n_gen] for p in path] if n_gen else None
         val = [p[n_gen:] for p in path] if config.val_pairs else None
-    return TeacherPairs(data, generation, val)
+    return TeacherPairs(data, generation, val, contexts or None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +436,11 @@ def _groups(n_blocks: int, size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def _apply(student: Student, x: Tensor, batch: int = 16384) -> Tensor:
-    return torch.cat([student(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
+def _apply(student: Student, x: Tensor, context: Tensor | None = None, batch: int = 16384) -> Tensor:
+    def ctx(i: int) -> Tensor | None:
+        return None if context is None else context[i : i + batch]
+
+    return torch.cat([student(x[i : i + batch], ctx(i)) for i in range(0, x.shape[0], batch)])
 
 
 def _rms(x: Tensor) -> float:
@@ -414,10 +485,12 @@ def train_student(
     """Regress ``student(x)`` onto ``y`` over minibatches mixed from ``sources``.
 
     Each source is ``(x, y, share)`` with ``x``, ``y`` of shape (P, ...); ``share`` of every
-    minibatch comes from it. ``report(step, mean_loss, lr)`` is called every ``log_every`` steps.
+    minibatch comes from it; a fourth entry, a context (P, c), conditions the student.
+    ``report(step, mean_loss, lr)`` is called every ``log_every`` steps.
     Returns the logged ``(step, mean_loss)``.
     """
-    sizes = [round(share * config.batch_size) for _, _, share in sources]
+    sources = [(*src, None) if len(src) == 3 else tuple(src) for src in sources]
+    sizes = [round(share * config.batch_size) for _, _, share, _ in sources]
     sizes[-1] = config.batch_size - sum(sizes[:-1])
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=config.lr)
@@ -434,14 +507,16 @@ def train_student(
             )
         for group in opt.param_groups:
             group["lr"] = lr
-        xs, ys = [], []
-        for (x, y, _), size in zip(sources, sizes, strict=True):
+        xs, ys, cs = [], [], []
+        for (x, y, _, c), size in zip(sources, sizes, strict=True):
             if size > 0:
                 idx = torch.randint(x.shape[0], (size,), generator=generator, device=generator.device).to(x.device)
                 xs.append(x[idx])
                 ys.append(y[idx])
+                cs.append(c[idx] if c is not None else None)
         x, y = torch.cat(xs), torch.cat(ys)
-        loss = (student(x) - y).pow(2).mean()
+        c = None if any(c is None for c in cs) else torch.cat(cs)
+        loss = (student(x, c) - y).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -473,6 +548,7 @@ def distill(
     generator: torch.Generator | None = None,
     callback: Callable[[Progress], None] | None = None,
     net_factory: Callable | None = None,
+    context: Tensor | None = None,
 ) -> DistilledFlow:
     """Distil ``flow`` into few-step students (see the module docstring for the method).
 
@@ -488,6 +564,9 @@ def distill(
         callback: called with :class:`~localfm.training.Progress` (phases ``push``, ``decode``,
             ``train``, ``done``; ``block`` is the student index).
         net_factory: ``(dim, flow_config) -> nn.Module`` for students not initialised from the teacher.
+        context: for a conditional teacher, the contexts (N, c) of ``x_train`` (or of the pools'
+            points); teacher and students take the same context, the generation-side pairs draw
+            theirs from these rows.
 
     Returns:
         A :class:`DistilledFlow` with ``len(flow) / group_size`` students (rounded up).
@@ -498,14 +577,14 @@ def distill(
         raise ValueError("flow has no blocks: train it first")
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(dict(config or {}))
     net_cfg = getattr(flow.config, "net", None)
-    if net_cfg is not None and net_cfg.context_dim:
-        raise ValueError("distillation of conditional flows (net.context_dim > 0) is not supported")
     if cfg.init == "fresh" and net_cfg is None and net_factory is None:
         raise ValueError("distill.init is 'fresh' and the flow has no config to build networks from: pass net_factory=")
     generator = generator or torch.Generator(flow.device).manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if pairs is None:
-        pairs = teacher_pairs(flow, cfg, x_train=x_train, pools=pools, generator=generator, callback=callback)
+        pairs = teacher_pairs(
+            flow, cfg, x_train=x_train, pools=pools, generator=generator, callback=callback, context=context
+        )
     elif (cfg.generation_fraction < 1 and pairs.data is None) or (
         cfg.generation_fraction > 0 and pairs.generation is None
     ):
@@ -513,8 +592,13 @@ def distill(
             f"pairs lacks the data-side or generation-side points that distill.generation_fraction = "
             f"{cfg.generation_fraction} asks for"
         )
+    if flow.context_dim and not pairs.contexts:
+        raise ValueError(
+            "the teacher is conditional but pairs= carry no contexts: make them with teacher_pairs(context=)"
+        )
     spans = _groups(len(flow), cfg.group_size)
     paths = {"data": pairs.data, "generation": pairs.generation, "val": pairs.val}
+    ctx = pairs.contexts or {}
     share = {"data": 1 - cfg.generation_fraction, "generation": cfg.generation_fraction}
     # Where the students so far take each trajectory's code: the inputs of the next student.
     current = {k: p[-1] for k, p in paths.items() if p is not None}
@@ -525,7 +609,9 @@ def distill(
         student = Student(_student_net(flow, b, cfg, i, net_factory), cfg.steps_per_block, a, b)
         student.requires_grad_(True)
         inputs = {k: (current[k] if cfg.chained else paths[k][b + 1]) for k in current}
-        sources = [(inputs[k], paths[k][a], share[k]) for k in share if paths[k] is not None and share[k] > 0]
+        sources = [
+            (inputs[k], paths[k][a], share[k], ctx.get(k)) for k in share if paths[k] is not None and share[k] > 0
+        ]
 
         def report(step: int, loss: float, lr: float, i: int = i) -> None:
             if callback is not None:
@@ -537,10 +623,10 @@ def distill(
         entry = {"student": i, "blocks": [a, b], "steps": cfg.steps_per_block, "losses": losses}
         entry["train_seconds"] = time.perf_counter() - t0
         if cfg.chained:
-            current = {k: _apply(student, x) for k, x in current.items()}
+            current = {k: _apply(student, x, ctx.get(k)) for k, x in current.items()}
         if pairs.val is not None:
             # Held-out error, absolute (standardised units) and as a share of the teacher's displacement.
-            out_val = current["val"] if cfg.chained else _apply(student, pairs.val[b + 1])
+            out_val = current["val"] if cfg.chained else _apply(student, pairs.val[b + 1], ctx.get("val"))
             err = _rms(out_val - pairs.val[a])
             entry["val_rms_error"] = err
             entry["val_relative_error"] = err / max(_rms(pairs.val[b + 1] - pairs.val[a]), 1e-300)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .ode import Solution, SolverConfig, integrate
 
-__all__ = ["Standardizer", "Block", "LocalFlow", "FlowOutput", "check_data"]
+__all__ = ["Standardizer", "Block", "LocalFlow", "FlowOutput", "check_data", "check_context"]
 
 
 def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None) -> Tensor:
@@ -44,6 +44,35 @@ def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None)
             idx = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"{name} has a non-finite value {x[idx].item()} at index {idx}")
     return x
+
+
+def check_context(context, rows: int, context_dim: int, name: str = "context") -> Tensor | None:
+    """Validate a context for ``rows`` points of a model whose networks take ``context_dim`` inputs.
+
+    A conditional model (``context_dim > 0``) needs a context of shape (rows, context_dim) (one row
+    (1, c) or (c,) is broadcast to every point); an unconditional one must get none.
+    """
+    if context is None:
+        if context_dim:
+            raise ValueError(
+                f"this model is conditional (net.context_dim = {context_dim}): pass {name}= of shape (N, {context_dim})"
+            )
+        return None
+    if not context_dim:
+        raise ValueError(
+            f"{name}= was given but this model is unconditional (net.context_dim = 0); "
+            "set net.context_dim to condition it"
+        )
+    if not torch.is_tensor(context):
+        context = torch.as_tensor(context)
+    c = check_data(context.reshape(1, -1) if context.dim() == 1 else context, name)
+    if c.dim() != 2 or c.shape[1] != context_dim:
+        raise ValueError(f"{name} must have shape (N, {context_dim}) (net.context_dim), got {tuple(c.shape)}")
+    if c.shape[0] == 1 and rows != 1:
+        c = c.expand(rows, -1)
+    if c.shape[0] != rows:
+        raise ValueError(f"{name} has {c.shape[0]} rows but there are {rows} points: give one context row per point")
+    return c
 
 
 class Standardizer(nn.Module):
@@ -98,10 +127,26 @@ class Block(nn.Module):
         self.net = net
         self.h = h
 
-    def velocity(self, context: Tensor | None = None):
+    def velocity(self, context: Tensor | None = None, guidance: float = 0.0):
+        """``v(x, t)``, or ``v(x, t, c)``; with ``guidance = w`` the classifier-free guided field
+        ``(1 + w) v(x, t, c) - w v(x, t, null)``, both terms in one network call."""
         if context is None:
             return lambda x, t: self.net(x, t)
-        return lambda x, t: self.net(x, t, context)
+        if not guidance:
+            return lambda x, t: self.net(x, t, context)
+        null = getattr(self.net, "null_context", None)
+        if not isinstance(null, Tensor):
+            raise ValueError(
+                "guidance needs a network with a learned null_context (train with train.context_dropout > 0)"
+            )
+        both = torch.cat([context, null.to(context.dtype).expand_as(context)])
+
+        def guided(x: Tensor, t: Tensor) -> Tensor:
+            t2 = t if t.dim() == 0 else torch.cat([t, t])
+            v_c, v_null = self.net(torch.cat([x, x]), t2, both).chunk(2)
+            return (1 + guidance) * v_c - guidance * v_null
+
+        return guided
 
     def forward(
         self,
@@ -111,9 +156,12 @@ class Block(nn.Module):
         divergence: str | None = None,
         probe: Tensor | None = None,
         context: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> Solution:
         """Data side to noise side (t: 0 -> 1); ``delta`` is ``+integral div v dt``."""
-        return integrate(self.velocity(context), x, t0=0.0, t1=1.0, solver=solver, divergence=divergence, probe=probe)
+        return integrate(
+            self.velocity(context, guidance), x, t0=0.0, t1=1.0, solver=solver, divergence=divergence, probe=probe
+        )
 
     def inverse(
         self,
@@ -123,9 +171,12 @@ class Block(nn.Module):
         divergence: str | None = None,
         probe: Tensor | None = None,
         context: Tensor | None = None,
+        guidance: float = 0.0,
     ) -> Solution:
         """Noise side to data side (t: 1 -> 0); ``delta`` is ``-integral div v dt``."""
-        return integrate(self.velocity(context), z, t0=1.0, t1=0.0, solver=solver, divergence=divergence, probe=probe)
+        return integrate(
+            self.velocity(context, guidance), z, t0=1.0, t1=0.0, solver=solver, divergence=divergence, probe=probe
+        )
 
     def extra_repr(self) -> str:
         return "free block" if self.h is None else f"h={self.h:.4g}"
@@ -200,6 +251,14 @@ class LocalFlow(nn.Module):
         return math.prod(self.event_shape)
 
     @property
+    def context_dim(self) -> int:
+        """Size c of the context the block networks take (0: unconditional)."""
+        if len(self.blocks):
+            return int(getattr(self.blocks[0].net, "context_dim", 0))
+        net = getattr(self.config, "net", None)
+        return int(getattr(net, "context_dim", 0))
+
+    @property
     def device(self) -> torch.device:
         return self.standardizer.mean.device
 
@@ -219,9 +278,24 @@ class LocalFlow(nn.Module):
         return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
 
     def _run(
-        self, x: Tensor, *, inverse: bool, with_log_prob: bool, solver, divergence, generator, context, return_path
+        self,
+        x: Tensor,
+        *,
+        inverse: bool,
+        with_log_prob: bool,
+        solver,
+        divergence,
+        generator,
+        context,
+        return_path,
+        guidance: float = 0.0,
     ) -> FlowOutput:
         solver = solver or self.solver
+        context = check_context(context, x.shape[0], self.context_dim)
+        if context is not None:
+            context = context.to(x.device, x.dtype)
+        if guidance and context is None:
+            raise ValueError("guidance= needs a conditional model and its context=")
         div = self._divergence(divergence) if with_log_prob else None
         probe = None
         if div == "hutchinson":
@@ -232,7 +306,7 @@ class LocalFlow(nn.Module):
         order = reversed(self.blocks) if inverse else self.blocks
         for block in order:
             step = block.inverse if inverse else block.forward
-            sol = step(x, solver=solver, divergence=div, probe=probe, context=context)
+            sol = step(x, solver=solver, divergence=div, probe=probe, context=context, guidance=guidance)
             x = sol.x
             if sol.delta is not None:
                 delta = delta + sol.delta
@@ -254,10 +328,12 @@ class LocalFlow(nn.Module):
         generator: torch.Generator | None = None,
         context: Tensor | None = None,
         return_path: bool = False,
+        guidance: float = 0.0,
     ) -> FlowOutput:
         """Data (in data units) to codes z, through every block forward.
 
-        With ``with_log_prob`` the output's ``log_prob`` is ``log p(x)`` in nats.
+        With ``with_log_prob`` the output's ``log_prob`` is ``log p(x)`` in nats (``log p(x | c)``
+        for a conditional model given ``context`` (N, c)).
         """
         x = check_data(x, "x", self.event_shape).to(self.device, self._dtype())
         u = self.standardizer(x)
@@ -270,6 +346,7 @@ class LocalFlow(nn.Module):
             generator=generator,
             context=context,
             return_path=return_path,
+            guidance=guidance,
         )
         if with_log_prob:
             out.log_prob = self._base_log_prob(out.x) + out.log_prob + self.standardizer.logdet()
@@ -286,8 +363,13 @@ class LocalFlow(nn.Module):
         generator: torch.Generator | None = None,
         context: Tensor | None = None,
         return_path: bool = False,
+        guidance: float = 0.0,
     ) -> FlowOutput:
-        """Codes z to data (in data units), through every block inverse, last block first."""
+        """Codes z to data (in data units), through every block inverse, last block first.
+
+        ``context`` (N, c) conditions a conditional model; ``guidance = w`` follows the
+        classifier-free guided field ``(1 + w) v(x, t, c) - w v(x, t, null)`` (0: unguided).
+        """
         z = check_data(z, "z", self.event_shape).to(self.device, self._dtype())
         out = self._run(
             z,
@@ -298,6 +380,7 @@ class LocalFlow(nn.Module):
             generator=generator,
             context=context,
             return_path=return_path,
+            guidance=guidance,
         )
         if with_log_prob:
             # delta accumulated -integral div v over the blocks.
@@ -327,6 +410,7 @@ class LocalFlow(nn.Module):
         Points are processed in batches of ``batch_size``; ``progress(done, total)`` is called after each.
         """
         x = check_data(x, "x", self.event_shape)
+        context = check_context(context, x.shape[0], self.context_dim)
         out = []
         for i in range(0, x.shape[0], batch_size):
             ctx = None if context is None else context[i : i + batch_size]
@@ -351,10 +435,21 @@ class LocalFlow(nn.Module):
         solver: SolverConfig | None = None,
         context: Tensor | None = None,
         batch_size: int = 65536,
+        guidance: float = 0.0,
     ) -> Tensor:
-        """``n`` samples in data units: ``z ~ N(0, I)`` pulled back through the chain."""
+        """``n`` samples in data units: ``z ~ N(0, I)`` pulled back through the chain.
+
+        A conditional model takes ``context`` of shape (n, c) (or one row for all samples) and
+        an optional classifier-free ``guidance`` weight (see :meth:`decode`).
+        """
         return self.sample_and_log_prob(
-            n, generator=generator, solver=solver, context=context, batch_size=batch_size, with_log_prob=False
+            n,
+            generator=generator,
+            solver=solver,
+            context=context,
+            batch_size=batch_size,
+            with_log_prob=False,
+            guidance=guidance,
         )[0]
 
     def sample_and_log_prob(
@@ -367,6 +462,7 @@ class LocalFlow(nn.Module):
         divergence: str = "auto",
         batch_size: int = 4096,
         with_log_prob: bool = True,
+        guidance: float = 0.0,
     ) -> tuple[Tensor, Tensor | None]:
         """Samples and their log-density, in one inverse solve per block."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # numpy integers are fine
@@ -381,6 +477,7 @@ class LocalFlow(nn.Module):
             device=generator.device if generator is not None else self.device,
         )
         z = z.to(self.device)
+        context = check_context(context, n, self.context_dim)
         xs, lps = [], []
         for i in range(0, n, batch_size):
             ctx = None if context is None else context[i : i + batch_size]
@@ -391,6 +488,7 @@ class LocalFlow(nn.Module):
                 divergence=divergence,
                 generator=generator,
                 context=ctx,
+                guidance=guidance,
             )
             xs.append(out.x)
             lps.append(out.log_prob)

@@ -26,6 +26,9 @@ class NetConfig:
     MLP: ``width``, ``depth``, ``activation``; ``time_embedding`` is ``"concat"`` (t appended to
     the input, the authors' choice) or ``"fourier"`` (``fourier_features`` sinusoids of t);
     ``beta`` is softplus's sharpness; ``context_dim`` adds a conditioning input.
+    ``x_fourier`` > 0 adds that many random Fourier features of x, ``sin(Bx)`` and ``cos(Bx)`` with
+    ``B ~ N(0, x_fourier_scale^2)`` fixed at initialisation (Tancik et al., 2020): plain MLPs learn
+    fine spatial detail slowly (the tree's twigs), these features let them resolve it in minutes.
 
     UNet (:class:`localfm.unet.UNet`): ``channels`` (base width), ``channel_mult`` (one width
     multiplier per resolution level, halving the image between levels), ``blocks_per_level``
@@ -41,6 +44,8 @@ class NetConfig:
     time_embedding: str = "concat"
     fourier_features: int = 16
     context_dim: int = 0
+    x_fourier: int = 0
+    x_fourier_scale: float = 10.0
     channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = 2
@@ -64,6 +69,10 @@ class NetConfig:
             raise ValueError(f"net.beta must be > 0, got {self.beta}")
         if self.fourier_features < 1 or self.context_dim < 0:
             raise ValueError("net.fourier_features must be >= 1 and net.context_dim >= 0")
+        if self.x_fourier < 0 or not (0 < self.x_fourier_scale < math.inf):
+            raise ValueError(
+                f"net.x_fourier must be >= 0 and net.x_fourier_scale > 0, got {self.x_fourier}, {self.x_fourier_scale}"
+            )
         for name in ("channels", "blocks_per_level", "heads", "norm_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"net.{name} must be >= 1, got {getattr(self, name)}")
@@ -102,13 +111,27 @@ class MLP(nn.Module):
         else:
             self.freqs = None
             t_dim = 1
+        if config.x_fourier:
+            # Drawn from the global generator, which fit() seeds per block: reproducible, and saved
+            # with the weights as a buffer.
+            self.register_buffer("x_freqs", config.x_fourier_scale * torch.randn(dim, config.x_fourier))
+        else:
+            self.x_freqs = None
         layers: list[nn.Module] = []
-        fan_in = dim + t_dim + config.context_dim
+        fan_in = dim + 2 * config.x_fourier + t_dim + config.context_dim
         for _ in range(config.depth):
             layers += [nn.Linear(fan_in, config.width), _activation(config.activation, config.beta)]
             fan_in = config.width
         layers.append(nn.Linear(fan_in, dim))
         self.layers = nn.Sequential(*layers)
+        if config.context_dim:
+            # The "no context" input of classifier-free guidance, learned when train.context_dropout > 0.
+            self.null_context = nn.Parameter(torch.zeros(config.context_dim))
+
+    @property
+    def context_dim(self) -> int:
+        """Size c of the conditioning input (0: unconditional)."""
+        return self.config.context_dim
 
     def embed_time(self, t: Tensor, batch: int, like: Tensor) -> Tensor:
         t = t.to(like.dtype).reshape(-1, 1).expand(batch, 1)
@@ -119,10 +142,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         parts = [x, self.embed_time(t, x.shape[0], x)]
+        if self.x_freqs is not None:
+            a = x @ self.x_freqs.to(x.dtype)
+            parts += [torch.sin(a), torch.cos(a)]
         if self.config.context_dim:
             if context is None:
                 raise ValueError("this network was built with context_dim > 0: pass context=")
-            parts.append(context.to(x.dtype))
+            parts.append(context.to(x.dtype).expand(x.shape[0], -1))
         return self.layers(torch.cat(parts, dim=1))
 
 

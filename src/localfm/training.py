@@ -20,18 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import distributed
 from .config import FlowConfig, TrainConfig, load_config
-from .flow import Block, LocalFlow, Standardizer, check_data
+from .flow import Block, LocalFlow, Standardizer, check_context, check_data
 from .interpolants import get_interpolant
 from .nets import build_net
 from .ode import SolverConfig
 from .schedules import ou_step
 
-__all__ = ["fit", "Progress", "TrainingDivergedError", "train_block", "push", "draw_pairs", "BlockState"]
+__all__ = ["fit", "Progress", "TrainingDivergedError", "train_block", "push", "draw_pairs", "pairs_at", "BlockState"]
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,17 @@ def draw_pairs(
 
     ``batch_size`` (default ``tc.batch_size``) is this rank's share of the batch under torchrun.
     """
-    n, b = pool.shape[0], batch_size or tc.batch_size
-    idx = torch.randint(n, (b,), generator=generator, device=pool.device)
+    b = batch_size or tc.batch_size
+    idx = torch.randint(pool.shape[0], (b,), generator=generator, device=pool.device)
+    return pairs_at(pool, idx, h, tc, generator)
+
+
+def pairs_at(pool: Tensor, idx: Tensor, h: float | None, tc: TrainConfig, generator: torch.Generator):
+    """The block pairs ``(x_l, x_r)`` of the pool rows ``idx`` (see :func:`draw_pairs`).
+
+    A conditional flow draws ``idx`` itself, so that it can take the same rows of the context.
+    """
+    n, b = pool.shape[0], idx.shape[0]
     x_l = pool[idx]
     z = torch.randn(x_l.shape, generator=generator, device=pool.device, dtype=pool.dtype)
     if h is None:
@@ -163,6 +173,7 @@ def train_block(
     checkpoint: Callable[[BlockState], None] | None = None,
     pairs: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None,
     data_parallel: bool = True,
+    context: Tensor | None = None,
 ) -> BlockState:
     """Flow matching for one block: ``min E || v(I_t, t) - dI_t/dt ||^2`` over OU pairs from ``pool``.
 
@@ -175,12 +186,17 @@ def train_block(
     in DistributedDataParallel, each rank draws ``tc.batch_size / world_size`` pairs from its own
     ``generator``, losses are averaged over ranks and rank 0's clock decides when a deadline is
     past. ``data_parallel=False``: this rank trains the block alone on the whole batch.
+
+    ``context`` (N, c), row-aligned with ``pool``, conditions the network: ``v(I_t, t, c)``. With
+    ``tc.context_dropout = p`` each pair's context is replaced by the network's learned
+    ``null_context`` with probability p, for classifier-free guidance at sampling.
     """
     net, opt = state.net, state.optimizer
     shared = data_parallel and distributed.world().size > 1
     model = distributed.wrap(net) if shared else net
     batch = distributed.local_batch_size(tc.batch_size) if shared else tc.batch_size
-    pairs = pairs or (lambda b, g: draw_pairs(pool, h, tc, g, batch_size=b))
+    draw = _pair_drawer(pool, h, tc, pairs, context)
+    null = _null_context(net, tc) if context is not None else None
     interp, times = get_interpolant(tc.interpolant), tc.time_sampler()
     params = [p for p in net.parameters() if p.requires_grad]
     ema_list = [state.ema[k] for k, p in net.named_parameters() if p.requires_grad] if state.ema else None
@@ -198,12 +214,17 @@ def train_block(
         for group in opt.param_groups:
             group["lr"] = tc.lr * lr_factor(state.step, steps, tc, progress)
 
-        x_l, x_r = pairs(batch, generator)
+        x_l, x_r, c = draw(batch, generator)
         if K > 1:
             x_l, x_r = x_l.repeat(K, *[1] * (x_l.dim() - 1)), x_r.repeat(K, *[1] * (x_r.dim() - 1))
+            c = c.repeat(K, 1) if c is not None else None
         t = times.sample(x_l.shape[0], generator=generator, device=pool.device, dtype=pool.dtype)
+        if null is not None:
+            drop = torch.rand(c.shape[0], generator=generator, device=c.device, dtype=c.dtype) < tc.context_dropout
+            c = torch.where(drop[:, None], null.to(c.dtype).expand_as(c), c)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            v = model(interp.x_t(x_l, x_r, t), t)
+            x_t = interp.x_t(x_l, x_r, t)
+            v = model(x_t, t) if c is None else model(x_t, t, c)
         loss = (v.to(x_l.dtype) - interp.dx_t(x_l, x_r, t)).pow(2).mean()
 
         opt.zero_grad(set_to_none=True)
@@ -247,6 +268,35 @@ def train_block(
     return state
 
 
+def _pair_drawer(pool: Tensor, h: float | None, tc: TrainConfig, pairs, context: Tensor | None):
+    """``(batch_size, generator) -> (x_l, x_r, c)``: ``c`` holds the context rows of ``x_l`` (or ``None``)."""
+    if pairs is not None:
+        if context is not None:
+            raise ValueError("train_block: pairs= and context= cannot be combined (pairs carry no context)")
+        return lambda b, g: (*pairs(b, g), None)
+    if context is None:
+        return lambda b, g: (*draw_pairs(pool, h, tc, g, batch_size=b), None)
+
+    def draw(b: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.randint(pool.shape[0], (b,), generator=g, device=pool.device)
+        return (*pairs_at(pool, idx, h, tc, g), context[idx])
+
+    return draw
+
+
+def _null_context(net: nn.Module, tc: TrainConfig) -> Tensor | None:
+    """The learned context that replaces dropped ones (``tc.context_dropout``), or ``None`` without dropout."""
+    if not tc.context_dropout:
+        return None
+    null = getattr(net, "null_context", None)
+    if not isinstance(null, Tensor):
+        raise ValueError(
+            f"train.context_dropout is {tc.context_dropout} but the network has no null_context "
+            "(a learned context for classifier-free guidance): use the built-in MLP or give your network one"
+        )
+    return null
+
+
 def _clock(began: float, deadline: float, shared: bool) -> tuple[float | None, bool]:
     """The share of the block's time used and whether ``deadline`` is past (``None, False`` without one).
 
@@ -275,8 +325,11 @@ def push(
     solver: SolverConfig,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
+    context: Tensor | None = None,
 ) -> Tensor:
     """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches.
+
+    ``context`` (N, c), row-aligned with ``pool``, conditions the block; it is not transported.
 
     Under torchrun each rank pushes its contiguous share of the pool and every rank receives the
     whole result; ``progress(done, total)`` then estimates ``done`` from this rank's share.
@@ -284,15 +337,23 @@ def push(
     """
     total, ranks = pool.shape[0], distributed.world().size
 
-    def push_share(share: Tensor) -> Tensor:
-        out = torch.empty_like(share)
-        for i in range(0, share.shape[0], batch_size):
-            out[i : i + batch_size] = block.forward(share[i : i + batch_size], solver=solver).x
-            if progress is not None:
-                progress(min(min(i + batch_size, share.shape[0]) * ranks, total), total)
-        return out
+    width = pool[0].numel()
 
-    out = distributed.map_sharded(push_share, pool)
+    def push_share(share: Tensor) -> Tensor:
+        # With a context, each row of ``share`` is a point and its context side by side.
+        x, c = (share, None) if context is None else (share[:, :width].reshape(-1, *pool.shape[1:]), share[:, width:])
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], batch_size):
+            ctx = None if c is None else c[i : i + batch_size]
+            out[i : i + batch_size] = block.forward(x[i : i + batch_size], solver=solver, context=ctx).x
+            if progress is not None:
+                progress(min(min(i + batch_size, x.shape[0]) * ranks, total), total)
+        return out if context is None else torch.cat([out.flatten(1), c], dim=1)
+
+    rows = pool if context is None else torch.cat([pool.flatten(1), context.to(pool.dtype)], dim=1)
+    out = distributed.map_sharded(push_share, rows)
+    if context is not None:
+        out = out[:, :width].reshape(pool.shape)
     if not torch.isfinite(out).all():
         raise TrainingDivergedError("pushing the data through the trained block gave non-finite points", None)
     return out
@@ -342,14 +403,22 @@ class TimeBudget:
         return max(end, floor)
 
 
-def _estimate_push(block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig) -> float:
+def _estimate_push(
+    block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig, context: Tensor | None = None
+) -> float:
     """Seconds to push the pool, from a timed push of a small slice (networks at init are close).
 
     The slice is at most one push batch: for UNets on a CPU, 2,048 images already cost minutes.
     """
     m = min(2048, pool.shape[0], cfg.train.push_batch_size)
     t0 = time.perf_counter()
-    push(Block(block_net, h), pool[:m], cfg.solver, cfg.train.push_batch_size)
+    push(
+        Block(block_net, h),
+        pool[:m],
+        cfg.solver,
+        cfg.train.push_batch_size,
+        context=None if context is None else context[:m],
+    )
     return (time.perf_counter() - t0) * pool.shape[0] / m
 
 
@@ -442,6 +511,7 @@ def fit(
     run_dir: str | Path | None = None,
     resume: bool = False,
     net_factory: Callable | None = None,
+    context=None,
 ) -> LocalFlow:
     """Train a Local Flow Matching chain on ``x_train`` (N, d) or (N, C, H, W), in data units.
 
@@ -455,6 +525,10 @@ def fit(
         run_dir: folder for checkpoints (block boundaries and every ``train.checkpoint_every`` steps).
         resume: continue from the newest good checkpoint in ``run_dir``.
         net_factory: ``(dim, config) -> nn.Module`` for custom velocity networks.
+        context: (N, c) conditioning vectors, row ``i`` belonging to ``x_train[i]`` (a conditional
+            flow: ``net.context_dim = c``; networks are called as ``net(x, t, context)``). The OU
+            blocks act on ``x`` only; each pool row keeps its context. Pass the same context again
+            with ``resume=True``. ``train.context_dropout`` trains for classifier-free guidance.
 
     Returns:
         The trained :class:`LocalFlow`, with ``training_log`` filled in.
@@ -481,6 +555,12 @@ def fit(
     hs = cfg.blocks.steps()
     steps = cfg.train.sequential_steps(hs)
     dim = x.shape[1] if x.dim() == 2 else tuple(x.shape[1:])
+    # A custom network's context size is its own business: only the rows are checked then.
+    c_dim = cfg.net.context_dim if net_factory is None else (0 if context is None else np.shape(context)[-1])
+    c = check_context(context, x.shape[0], c_dim, "context")
+    c = c.to(device, dtype) if c is not None else None
+    if c is not None and cfg.train.parallel_blocks:
+        raise ValueError("train.parallel_blocks does not support conditional flows (context=); train block by block")
 
     flow = LocalFlow(x.shape[1:], [], Standardizer.fit(x, per_coordinate=x.dim() == 2), cfg.solver, cfg).to(device)
     pool = flow.standardizer(x)
@@ -549,14 +629,16 @@ def fit(
         hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
         last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
         if time_budget and not last and push_s is None:  # later blocks use the last push measured
-            push_s = _estimate_push(state.net, hs[n], pool, cfg)
+            push_s = _estimate_push(state.net, hs[n], pool, cfg, c)
         deadline = budget.deadline(n, push_s if time_budget and not last else 0.0)
         try:
-            train_block(state, pool, hs[n], cfg.train, steps[n], generator=generator, **hooks.callbacks(deadline))
+            train_block(
+                state, pool, hs[n], cfg.train, steps[n], generator=generator, context=c, **hooks.callbacks(deadline)
+            )
             flow.append(Block(state.net, hs[n]))
             t0 = time.perf_counter()
             if not last:
-                pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress)
+                pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress, c)
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
         record = hooks.record(hs[n], state, time.perf_counter() - t0)
