@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--steps", type=int, default=1, help="steps per student (default 1)")
     ds.add_argument("--group-size", type=int, default=None, help="merge this many consecutive blocks per student")
     ds.add_argument("--train-steps", type=int, default=None, help="regression steps per student")
+
+    from .policy.cli import add_parser as add_policy_parser
+
+    add_policy_parser(sub)
     return p
 
 
@@ -331,6 +335,12 @@ def cmd_distill(args) -> None:
     print(f"distilled model in {out}; sample with: localfm sample {out} -n 10000")
 
 
+def cmd_policy(args) -> None:
+    from .policy.cli import run
+
+    run(args)
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
@@ -340,6 +350,7 @@ COMMANDS = {
     "report": cmd_report,
     "datasets": cmd_datasets,
     "distill": cmd_distill,
+    "policy": cmd_policy,
 }
 
 
