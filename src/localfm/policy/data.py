@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +71,12 @@ class Demonstrations:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write an ``.npz`` (plain arrays: loading never unpickles)."""
+        """Write an ``.npz`` (plain arrays: loading never unpickles), whole or not at all."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         lengths = np.array([len(o) for o in self.obs], dtype=np.int64)
-        with open(path, "wb") as f:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
             np.savez_compressed(
                 f,
                 obs=np.concatenate(self.obs).astype(np.float32),
@@ -84,6 +86,7 @@ class Demonstrations:
                 seeds=np.array(self.seeds, dtype=np.int64),
                 success=np.array(self.success, dtype=bool),
             )
+        os.replace(tmp, path)
         return path
 
     @classmethod
