@@ -131,6 +131,7 @@ class Store:
             self.points = json.loads(self.path.read_text()).get("raw", {}).get("points", {})
 
     def __contains__(self, key: str) -> bool:
+        self._merge()  # another process may have measured it meanwhile
         return key in self.points
 
     def add(self, key: str, row: dict) -> None:
@@ -291,8 +292,8 @@ def plot(points: dict[str, dict], a) -> None:
                     m, l_, h_ = p["success_rate"], p["ci_low"], p["ci_high"]
                 xs.append(nd)
                 ys.append(m)
-                lo.append(m - l_)
-                hi.append(h_ - m)
+                lo.append(max(0.0, m - l_))
+                hi.append(max(0.0, h_ - m))
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colours[v], label=v.upper())
         ax.set_title(task if task != "mean" else "mean over tasks", fontsize=9)
