@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = add("plot", "write the figures of a run into RUN/plots")
     pl.add_argument("run", help="run folder")
-    pl.add_argument("--n-samples", type=int, default=20_000)
+    pl.add_argument("--n-samples", type=int, default=None, help="default: 100,000 for 2-D data, else 20,000")
 
     r = add("report", "write RUN/report.md and RUN/report.html from metrics and plots")
     r.add_argument("run", help="run folder")
@@ -126,6 +127,7 @@ def _progress_bar():
 
     def close() -> None:
         if state["bar"] is not None:
+            state["bar"].total = state["bar"].n  # a block ends at its step count or at its deadline
             state["bar"].close()
             state["bar"] = None
 
@@ -149,6 +151,10 @@ def _progress_bar():
             state["key"] = key
         bar = state["bar"]
         bar.n = p.step
+        spent = bar.format_dict["elapsed"]
+        if p.phase == "train" and math.isfinite(p.eta) and p.step and spent > 0:
+            # Under a time budget a block stops at its deadline: show the steps it will reach.
+            bar.total = min(p.steps, max(p.step, round(p.step * (1 + p.eta / spent))))
         if p.phase == "train":
             bar.set_postfix(
                 loss=f"{p.loss:.4f}", rate=f"{p.samples_per_s / 1e3:.0f}k/s", left=f"{p.eta:.0f}s", refresh=False
@@ -177,7 +183,7 @@ def _after_training(run: Path, *, quick: bool = False) -> None:
     m = evaluate_run(run, max_points=points, n_samples=n)
     if not main:  # the evaluation is shared out; plots and the report are rank 0's
         return
-    plot_run(run, n_samples=5_000 if quick else 10_000)
+    plot_run(run, n_samples=5_000 if quick else None)
     md, html = write_report(run)
     rows = [("test NLL", f"{m['nll']:.4f} ± {m['nll_se']:.4f} nats")]
     if "true_entropy" in m:

@@ -51,8 +51,21 @@ def box_2d(x: np.ndarray, margin: float = 0.05) -> tuple[float, float, float, fl
     return float(c[0] - r), float(c[0] + r), float(c[1] - r), float(c[1] + r)
 
 
-def _hist(ax, x: np.ndarray, box, bins: int = 200, title: str = "") -> None:
-    ax.hist2d(x[:, 0], x[:, 1], bins=bins, range=[box[:2], box[2:]], cmap="magma", rasterized=True)
+def _counts(x: np.ndarray, box, bins: int) -> np.ndarray:
+    return np.histogram2d(x[:, 0], x[:, 1], bins=bins, range=[box[:2], box[2:]])[0]
+
+
+def _robust_max(values: np.ndarray, q: float = 99.5) -> float:
+    """A colour-scale top that a few hot cells (a model's density spike) cannot wash out."""
+    positive = values[values > 0]
+    return float(np.percentile(positive, q)) if positive.size else 1.0
+
+
+def _hist(ax, x: np.ndarray, box, bins: int = 200, title: str = "", vmax: float | None = None) -> None:
+    """2-D histogram of points on a linear colour scale topped at ``vmax`` (default: robust max)."""
+    counts = _counts(x, box, bins)
+    top = vmax if vmax is not None else _robust_max(counts)
+    ax.imshow(counts.T, origin="lower", extent=box, cmap="magma", vmin=0.0, vmax=top, interpolation="nearest")
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -60,12 +73,15 @@ def _hist(ax, x: np.ndarray, box, bins: int = 200, title: str = "") -> None:
 
 
 def plot_samples_2d(samples: np.ndarray, target: np.ndarray, path: Path, box=None) -> Path:
-    """Histogram of model samples next to the target's points."""
+    """Histograms of model samples and of the target's points on one colour scale (per point)."""
     plt = _plt()
     box = box or box_2d(target)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    _hist(axes[0], target, box, title=f"target ({len(target):,} points)")
-    _hist(axes[1], samples, box, title=f"LFM samples ({len(samples):,})")
+    bins = 256
+    # One scale for both panels, taken from the target and rescaled by the point counts.
+    top = _robust_max(_counts(target, box, bins)) / len(target)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    _hist(axes[0], target, box, bins, title=f"target ({len(target):,} points)", vmax=top * len(target))
+    _hist(axes[1], samples, box, bins, title=f"LFM samples ({len(samples):,})", vmax=top * len(samples))
     return _save(fig, path)
 
 
@@ -96,9 +112,13 @@ def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution
     panels = [("learned density", np.asarray(log_prob_fn(grid)))]
     if true_log_prob is not None:
         panels.insert(0, ("true density", np.asarray(true_log_prob(grid))))
+    # One colour scale for both panels, from the reference (the true density where known): a learned
+    # density's narrow spikes would otherwise wash the picture out.
+    top = _robust_max(np.exp(panels[0][1]), 99.0)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (title, lp) in zip(axes[0], panels, strict=False):
-        ax.imshow(np.exp(lp).reshape(resolution, resolution), origin="lower", extent=box, cmap="magma")
+        density = np.exp(lp).reshape(resolution, resolution)
+        ax.imshow(density, origin="lower", extent=box, cmap="magma", vmin=0.0, vmax=top, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])

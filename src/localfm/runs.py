@@ -296,8 +296,12 @@ def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: 
     return x, out
 
 
-def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list[Path]:
-    """All figures of a run into ``run/plots``; returns their paths."""
+def plot_run(run: str | Path, *, n_samples: int | None = None, seed: int = 0) -> list[Path]:
+    """All figures of a run into ``run/plots``; returns their paths.
+
+    ``n_samples`` defaults to 100,000 for 2-D data (thin structures need many points to show; the
+    target then comes from the dataset's sampler when it has one) and 20,000 otherwise.
+    """
     from . import plots
 
     run = Path(run)
@@ -308,12 +312,14 @@ def plot_run(run: str | Path, *, n_samples: int = 20_000, seed: int = 0) -> list
     g = torch.Generator().manual_seed(seed)
     made = [plots.plot_losses(flow.training_log, folder / "losses.png")]
     if ds.kind == "image":
-        return made + _image_figures(flow, ds, folder, g, min(n_samples, 64))
-    samples = flow.sample(n_samples, generator=g).double().numpy()
-    test = ds.test[:n_samples].astype(np.float64)
+        return made + _image_figures(flow, ds, folder, g, min(n_samples or 64, 64))
+    n = n_samples or (100_000 if flow.dim == 2 else 20_000)
+    samples = flow.sample(n, generator=g).double().numpy()
+    test = ds.test[:n].astype(np.float64)
     if flow.dim == 2:
         box = plots.box_2d(test)
-        made.append(plots.plot_samples_2d(samples, test, folder / "samples.png", box))
+        target = ds.sampler(n, np.random.default_rng([seed, 2])) if ds.sampler is not None else test
+        made.append(plots.plot_samples_2d(samples, target, folder / "samples.png", box))
         m = min(len(test), 10_000)
         enc = flow.encode(torch.from_numpy(test[:m]), return_path=True)
         dec = flow.decode(torch.randn(m, 2, generator=g), return_path=True)
