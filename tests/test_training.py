@@ -240,6 +240,7 @@ def record_steps(steps: list):
         (1, 10, "train", {}, (1, 6)),  # stopped in the report before step 10's checkpoint
         (1, 17, "train", {"ema": 0.9, "pairing": "shuffled", "lr_schedule": "cosine", "draws_per_pair": 2}, (1, 16)),
         (0, 1, "push", {}, (0, 16)),
+        (1, 12, "train", {"push_points": 100}, (1, 11)),  # the saved pool is the pushed subset
     ],
 )
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, block, step, phase, extra, first):
@@ -346,3 +347,50 @@ def test_gaussian_test_nll_near_the_entropy(gaussian_data, L):
     s = flow.sample(4000, generator=make_gen(8))
     torch.testing.assert_close(s.mean(0), mean, rtol=0, atol=0.1)
     torch.testing.assert_close(torch.cov(s.T), cov, rtol=0, atol=0.15)
+
+
+# --- push_points -------------------------------------------------------------------------------
+
+
+def test_push_points_pushes_a_fixed_subset_that_later_blocks_train_on(monkeypatch):
+    x = data(300)
+    cfg = tiny_config(blocks={"h": [0.2, 0.3], "free_block": True}, train={"steps": 10, "push_points": 120})
+    pushed = []
+    real_push = training.push
+
+    def spy(block, pool, *args, **kwargs):
+        pushed.append(pool.clone())
+        return real_push(block, pool, *args, **kwargs)
+
+    monkeypatch.setattr(training, "push", spy)
+    flow = localfm.fit(x, cfg, seed=3)
+    assert [p.shape[0] for p in pushed] == [120, 120]
+    # The first push takes 120 distinct training points (standardised), the second their images.
+    z = flow.standardizer(x)
+    rows = [int(torch.nonzero((z == r).all(1))[0]) for r in pushed[0]]
+    assert len(set(rows)) == 120
+    torch.testing.assert_close(flow.blocks[0].forward(pushed[0], solver=cfg.solver).x, pushed[1])
+    first = pushed[0]
+    pushed.clear()
+    localfm.fit(x, cfg, seed=3)
+    assert torch.equal(pushed[0], first)  # the same subset again: fixed by the seed
+
+
+def test_push_points_with_a_context_resumes_exactly(tmp_path):
+    x = data(300)
+    c = (x[:, :1] > 1).to(F64)
+    cfg = tiny_config(
+        net={"width": 16, "depth": 2, "activation": "tanh", "context_dim": 1},
+        blocks={"h": [0.2], "free_block": True},
+        train={"steps": 20, "checkpoint_every": 5, "log_every": 1, "keep_checkpoints": 20, "push_points": 90},
+    )
+    reference = localfm.fit(x, cfg, context=c)
+    with pytest.raises(KeyboardInterrupt):
+        localfm.fit(x, cfg, context=c, run_dir=tmp_path, callback=interrupt_at(1, 12))
+    resumed = localfm.fit(x, cfg, context=c, run_dir=tmp_path, resume=True)
+    assert_same_params(resumed, reference)
+
+
+def test_push_points_is_validated():
+    with pytest.raises(ValueError, match="push_points"):
+        TrainConfig(push_points=1)

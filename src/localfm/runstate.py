@@ -242,9 +242,11 @@ def _load_one(path: Path, config: FlowConfig, shape, net_factory, device, dtype)
             f"cannot resume from {path}: it was trained on points of shape {saved.flow.event_shape}, "
             f"the data given has {tuple(shape[1:])}"
         )
-    if saved.pool is not None and tuple(saved.pool.shape) != tuple(shape):
+    rows = shape[0] if config.train.push_points is None else min(shape[0], config.train.push_points)
+    if saved.pool is not None and tuple(saved.pool.shape) != (rows, *shape[1:]):
         raise ValueError(
-            f"cannot resume from {path}: its pool holds {tuple(saved.pool.shape)} points, the data {tuple(shape)}"
+            f"cannot resume from {path}: its pool holds {tuple(saved.pool.shape)} points, "
+            f"the data and train.push_points call for {(rows, *shape[1:])}"
         )
     return saved
 

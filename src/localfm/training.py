@@ -422,6 +422,14 @@ def _estimate_push(
     return (time.perf_counter() - t0) * pool.shape[0] / m
 
 
+def _pushed_subset(n: int, push_points: int | None, seed: int, device) -> Tensor | None:
+    """Rows of the training set that ``train.push_points`` keeps (``None``: all), fixed by ``seed``."""
+    if push_points is None or push_points >= n:
+        return None
+    g = torch.Generator().manual_seed(seed + 7919)  # its own stream: minibatch draws stay as they were
+    return torch.randperm(n, generator=g)[:push_points].sort().values.to(device)
+
+
 def resolve_device(name: str) -> torch.device:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -571,9 +579,12 @@ def fit(
         if resume
         else None
     )
+    keep = _pushed_subset(x.shape[0], cfg.train.push_points, seed, device)
     if saved is not None:
         flow, first_block, used, state = saved.flow, saved.block, saved.elapsed, saved.block_state
         pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
+        if first_block > 0 and keep is not None and c is not None:
+            c = c[keep]  # the saved pool holds the pushed subset's rows
         generator.set_state(saved.generator_state)
         log.info("resuming from %s: block %d, step %d", saved.path.name, first_block, saved.step)
     if world.size > 1:
@@ -629,7 +640,8 @@ def fit(
         hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
         last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
         if time_budget and not last and push_s is None:  # later blocks use the last push measured
-            push_s = _estimate_push(state.net, hs[n], pool, cfg, c)
+            pushed = len(keep) if keep is not None and n == 0 else pool.shape[0]
+            push_s = _estimate_push(state.net, hs[n], pool, cfg, c) * pushed / pool.shape[0]
         deadline = budget.deadline(n, push_s if time_budget and not last else 0.0)
         try:
             train_block(
@@ -638,6 +650,8 @@ def fit(
             flow.append(Block(state.net, hs[n]))
             t0 = time.perf_counter()
             if not last:
+                if n == 0 and keep is not None:  # from here on the pool is the chosen subset
+                    pool, c = pool[keep], (None if c is None else c[keep])
                 pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress, c)
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
