@@ -119,6 +119,7 @@ def test_version_and_help(tmp_path: Path, capsys) -> None:
         (["train", str(SMALL), "--set", "data=nosuchdata", "--dry-run"], "nosuchdata"),
         (["eval", "no_such_run"], "not a finished run"),
         (["sample", "no_such_run", "-n", "3"], "not a finished run"),
+        (["--threads", "0", "datasets"], "--threads must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(tmp_path: Path, args: list[str], message: str) -> None:
@@ -176,3 +177,19 @@ def test_train_on_a_user_file_by_path(tmp_path: Path) -> None:
     s = np.load(tmp_path / "s.npy")
     # Samples come back in the file's units (the data has mean 2 in every coordinate).
     assert s.shape == (200, 3) and abs(s.mean() - 2.0) < 1.0
+
+
+def test_threads_option_sets_torch_threads(capsys) -> None:
+    import torch
+
+    from localfm.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "2", "datasets"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["--threads", "1", "datasets"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "tree" in capsys.readouterr().out
