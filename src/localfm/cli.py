@@ -198,6 +198,15 @@ def _after_training(run: Path, *, quick: bool = False) -> None:
     rows = [("test NLL", f"{m['nll']:.4f} ± {m['nll_se']:.4f} nats")]
     if "true_entropy" in m:
         rows += [("true entropy", f"{m['true_entropy']:.4f} nats"), ("gap", f"{m['gap']:.4f} nats")]
+    if "solver_check" in m:
+        sc = m["solver_check"]
+        rows.append(
+            (
+                "solver check",
+                f"{sc['difference']:+.4f} nats with {sc['finer_solver']}"
+                + ("" if sc["converged"] else " (NOT converged)"),
+            )
+        )
     if "bits_per_dim" in m:
         rows.append(("bits/dim", f"{m['bits_per_dim']:.4f} ± {m['bits_per_dim_se']:.4f}"))
     if "classifier_frechet_distance" in m:
@@ -307,7 +316,12 @@ def cmd_eval(args) -> None:
         )
         if not distributed.world().is_main:
             return
-    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items()]
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items() if k != "solver_check"]
+    if "solver_check" in m:
+        sc = m["solver_check"]
+        rows.append(
+            ("solver_check", f"{sc['difference']:+.4f} nats with {sc['finer_solver']} (converged: {sc['converged']})")
+        )
     _print_table(rows)
     print(f"wrote {Path(args.run) / 'metrics.json'}")
 
