@@ -1,31 +1,70 @@
 """Gather the latest benchmark tables into BENCHMARKS.md (full runs first, then quick smoke runs).
 
-    python benchmarks/collect.py
+python benchmarks/collect.py
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
+
+# Issue 5's comparison suites: the sections whose figures lead the page.
+HEADLINES = {
+    "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
+    "power": ("Suite 2, POWER", ["Summary", "Time for LFM to reach FM's final NLL (20k subset)"]),
+}
+
+
+def headlines() -> list[str]:
+    """The issue-5 figures, copied from the suites' results files (when they exist)."""
+    from _common import markdown_table
+
+    parts = []
+    for name, (title, wanted) in HEADLINES.items():
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        payload = json.loads(path.read_text())
+        for heading in wanted:
+            data = payload["sections"].get(heading)
+            if not data:
+                continue
+            rows = [{"quantity": k, "value": v} for k, v in data.items()] if isinstance(data, dict) else data
+            parts += [
+                f"### {title}: {heading}",
+                "",
+                f"From `{payload['meta']['command']}` ({payload['meta']['date']}); details in its section below.",
+                "",
+                markdown_table(rows),
+            ]
+    if parts:
+        parts = ["## Comparison suites (issue 5): headline figures", ""] + parts
+    return parts
 
 
 def main() -> Path:
     tables = sorted(RESULTS.glob("*.md"))
-    full = [p for p in tables if "quick" not in p.stem]
-    quick = [p for p in tables if "quick" in p.stem]
+    full = [p for p in tables if not any(k in p.stem for k in SMOKE)]
+    quick = [p for p in tables if any(k in p.stem for k in SMOKE)]
     parts = [
         "# localfm benchmarks\n",
         "Each section is a results file from `benchmarks/results/`, written by the script named in it",
         "(hardware, command, date and git revision included). Regenerate this page with",
         "`python benchmarks/collect.py`. Quick runs are CI smoke runs on tiny budgets, not results.\n",
+        *headlines(),
     ]
     for p in full:
         text = p.read_text().strip()
         # Demote the file's own headings one level so the page has one title.
         text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
-        pngs = sorted(RESULTS.glob(p.stem + "*.png"))
+        pngs = [png for png in [RESULTS / f"{p.stem}.png"] if png.is_file()]
         parts += [text, ""] + [f"![{png.name}](benchmarks/results/{png.name})\n" for png in pngs]
     if quick:
         parts += ["## Quick smoke runs", ""] + [f"- `benchmarks/results/{p.name}`" for p in quick]

@@ -1,0 +1,119 @@
+"""Smoke runs of the comparison suites (issue 5): each suite's ``--tiny`` mode, for real, into a temp folder.
+
+These check what the scripts write (every contender present, finite NLLs, LFM and FM at equal
+parameter counts, learning curves in time order, the theory chain's OU time), not the numbers:
+benchmarks are scripts, never timed tests. A contender whose package is not installed is
+skipped by the script, and only then.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+CONTENDERS = ("LFM", "FM", "torchcfm", "zuko-NSF", "zuko-MAF")
+PACKAGE = {"torchcfm": "torchcfm", "zuko-NSF": "zuko", "zuko-MAF": "zuko"}
+
+pytestmark = pytest.mark.slow
+
+
+def expected_contenders() -> list[str]:
+    return [c for c in CONTENDERS if c not in PACKAGE or importlib.util.find_spec(PACKAGE[c]) is not None]
+
+
+def run_tiny(script: str, out: Path, *extra: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--tiny", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    name = {"bench_2d.py": "2d_tiny", "bench_power.py": "power_tiny", "bench_theory.py": "theory_tiny"}[script]
+    payload = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert payload["meta"]["command"].startswith("python benchmarks/")
+    for heading in payload["sections"]:
+        assert f"## {heading}" in md
+    return payload
+
+
+def test_bench_2d_tiny(tmp_path):
+    payload = run_tiny("bench_2d.py", tmp_path)
+    rows = payload["raw"]["rows"]
+    want = expected_contenders()
+    assert {r["contender"] for r in rows["runs"]} == set(want)
+    for data in ("8gaussians", "moons"):
+        got = {r["contender"]: r for r in rows["runs"] if r["dataset"] == data}
+        assert set(got) == set(want), data
+        for r in got.values():
+            assert math.isfinite(r["nll"]) and r["nll_se"] > 0
+            assert math.isfinite(r["paired_gap"]) and math.isfinite(r["ED"])
+            assert r["nll-H"] == pytest.approx(r["nll"] - r["H"])
+            assert r["nfe/sample"] >= 1
+        # equal total parameters for LFM (4 blocks) and global FM (one wider block)
+        assert abs(got["LFM"]["params"] - got["FM"]["params"]) <= 0.002 * got["LFM"]["params"]
+        assert got["LFM"]["steps"].count(",") == 3 and "," not in got["FM"]["steps"]
+        # LFM integrates with rk4 4 steps per block everywhere: 4 blocks x 16 evaluations
+        assert got["LFM"]["nfe/sample"] == 64
+    # the sweep: every contender tried every setting, on the validation split
+    sweep = rows["sweep"]
+    assert {(r["contender"], r["lr"]) for r in sweep} == {(c, lr) for c in want for lr in (1e-3, 3e-3)}
+    assert all(
+        sum(r["best"] for r in payload["sections"][s] if r["contender"] == c) == 1
+        for s in payload["sections"]
+        if s.startswith("Tuning")
+        for c in want
+    )
+    checks = next(v for k, v in payload["sections"].items() if k.startswith("The issue"))
+    assert "LFM gap <= FM gap (datasets)" in checks
+
+
+def test_bench_power_tiny(tmp_path):
+    cache = tmp_path / "cache"
+    payload = run_tiny("bench_power.py", tmp_path, "--defer-test", "--cache", str(cache))
+    rows = payload["raw"]["rows"]
+    want = expected_contenders()
+    assert {r["contender"] for r in rows["final"]} == set(want)
+    # ODE models wait for --test-only (saved), zuko's exact log_prob is measured at once
+    ode = {c for c in want if c in ("LFM", "FM", "torchcfm")}
+    assert {p.stem.rsplit("_", 1)[0] for p in cache.glob("*.pt")} == ode
+    assert {r["contender"] for r in rows.get("test", [])} == set(want) - ode
+    payload = run_tiny("bench_power.py", tmp_path, "--test-only", "--cache", str(cache))
+    rows = payload["raw"]["rows"]
+    assert {r["contender"] for r in rows["test"]} == set(want)
+    for r in rows["test"]:
+        assert math.isfinite(r["nll"]) and r["n"] == 1000
+    final = {r["contender"]: r for r in rows["final"]}
+    assert abs(final["LFM"]["params"] - final["FM"]["params"]) <= 0.002 * final["LFM"]["params"]
+    for c in want:
+        if c != "LFM":  # LFM may overshoot a 2 s budget: each block trains at least a quarter of its share
+            assert final[c]["train_s"] == pytest.approx(2.0, abs=0.5)
+    for curve in rows["curves"]:
+        times = [p["train_s"] for p in curve["points"]]
+        assert times and times == sorted(times), curve["contender"]
+        assert all(math.isfinite(p["nll"]) for p in curve["points"])
+    table = next(v for k, v in payload["sections"].items() if k.startswith("Test NLL"))
+    assert all(math.isfinite(r["nll"]) for r in table)
+    assert "Solver check (5k test points)" in payload["sections"]
+
+
+def test_bench_theory_tiny(tmp_path):
+    payload = run_tiny("bench_theory.py", tmp_path)
+    runs = payload["raw"]["rows"]["runs"]
+    theory = {(r["N"], r["steps_per_block"]): r for r in runs if r["variant"].startswith("theory")}
+    assert {(1, 40), (2, 40), (2, 20)} <= set(theory)
+    for (n, _), r in theory.items():
+        assert r["ou_blocks"] == n and r["T"] == pytest.approx(0.3 * n)  # no free block, OU time grows with N
+    free = [r for r in runs if r["variant"] == "free-block default"]
+    assert {r["steps_per_block"] for r in free} == {20, 40} and all(r["N"] == 4 for r in free)
+    assert all(math.isfinite(r["paired_gap"]) and r["se"] > 0 for r in runs)
