@@ -35,7 +35,7 @@ from pathlib import Path
 import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-from _common import RESULTS, ROOT, metadata, set_threads, write_results
+from _common import RESULTS, ROOT, command_line, metadata, set_threads, write_results
 
 from localfm.distill import DistillConfig
 from localfm.policy import Demonstrations, PolicyConfig, distill_policy, load_policy, train_policy
@@ -127,8 +127,8 @@ class Store:
         self.args = args
         self.path = RESULTS / f"{args.name}.json"
         self.points: dict[str, dict] = {}
-        if self.path.is_file():
-            self.points = json.loads(self.path.read_text()).get("raw", {}).get("points", {})
+        self.commands: list[str] = []  # every command that added points
+        self._merge()
 
     def __contains__(self, key: str) -> bool:
         self._merge()  # another process may have measured it meanwhile
@@ -136,13 +136,16 @@ class Store:
 
     def add(self, key: str, row: dict) -> None:
         self.points[key] = row
+        if command_line() not in self.commands:
+            self.commands.append(command_line())
         self.write()
 
     def _merge(self) -> None:
         """Take in the points another process running this benchmark wrote meanwhile."""
         if self.path.is_file():
-            theirs = json.loads(self.path.read_text()).get("raw", {}).get("points", {})
-            self.points = {**theirs, **self.points}
+            raw = json.loads(self.path.read_text()).get("raw", {})
+            self.points = {**raw.get("points", {}), **self.points}
+            self.commands += [c for c in raw.get("commands", []) if c not in self.commands]
 
     def write(self) -> None:
         # Several processes may share one results file (e.g. parts single and multi side by side).
@@ -166,14 +169,14 @@ class Store:
             episodes=a.episodes,
             configs={k: str(v.relative_to(ROOT)) for k, v in VARIANTS.items()},
         )
-        sections, notes = summarise(self.points, a)
+        sections, notes = summarise(self.points, a, self.commands)
         write_results(
             a.name,
             "Meta-World policies: conditional LFM vs flow matching (equal parameters, equal training time)",
             meta,
             sections,
             notes=notes,
-            raw={"points": self.points},
+            raw={"points": self.points, "commands": self.commands},
         )
         plot(self.points, a)
 
@@ -185,7 +188,7 @@ def _mean_ci(rows: list[dict]) -> tuple[float, float, float]:
     return (k / n if n else math.nan), lo, hi
 
 
-def summarise(points: dict[str, dict], a) -> tuple[dict, str]:
+def summarise(points: dict[str, dict], a, commands=()) -> tuple[dict, str]:
     single = [dict(p, part="single") for k, p in points.items() if k.startswith("single/")]
     table = []
     for p in sorted(single, key=lambda p: (p["key"].split("/")[2], int(p["key"].split("/")[3]), p["key"])):
@@ -228,6 +231,17 @@ def summarise(points: dict[str, dict], a) -> tuple[dict, str]:
                     "single-task LFM": single_p["success_rate"] if single_p else math.nan,
                 }
             )
+        singles = [points.get(f"single/lfm/{p['key'].split('/')[2]}/{a.multi_demos}") for p in multi]
+        singles = singles if all(singles) else []
+        m, lo, hi = _mean_ci(multi)
+        rows.append(
+            {
+                "task": f"mean ({len(multi)} tasks)",
+                "multi-task LFM": m,
+                "95% interval": f"[{lo:.2f}, {hi:.2f}]",
+                "single-task LFM": _mean_ci(singles)[0] if singles else math.nan,
+            }
+        )
         sections[f"Multi-task LFM ({a.multi_demos} demonstrations per task) vs single-task LFM"] = rows
     dist = [p for k, p in points.items() if k.startswith("distill/")]
     if dist:
@@ -249,14 +263,30 @@ def summarise(points: dict[str, dict], a) -> tuple[dict, str]:
                     "undistilled ms/plan (batch 1)": teacher.get("ms_per_plan_single", math.nan),
                 }
             )
+        teachers = [points.get(f"single/lfm/{p['key'].split('/')[2]}/{a.multi_demos}") for p in dist]
+        if all(teachers):
+            m, lo, hi = _mean_ci(dist)
+            rows.append(
+                {
+                    "task": f"mean ({len(dist)} tasks)",
+                    "distilled success": m,
+                    "95% interval": f"[{lo:.2f}, {hi:.2f}]",
+                    "undistilled success": _mean_ci(teachers)[0],
+                    "distilled ms/action": float(np.mean([p["ms_per_action"] for p in dist])),
+                    "undistilled ms/action": float(np.mean([p["ms_per_action"] for p in teachers])),
+                    "distilled ms/plan (batch 1)": float(np.mean([p["ms_per_plan_single"] for p in dist])),
+                    "undistilled ms/plan (batch 1)": float(np.mean([p["ms_per_plan_single"] for p in teachers])),
+                }
+            )
         sections[f"Distilled LFM policy ({a.multi_demos} demonstrations, one evaluation per block)"] = rows
+    ran = " Points were measured by: " + "; ".join(f"`{c}`" for c in commands) + "." if commands else ""
     notes = (
         "Success = Meta-World's info['success'] at any step of a 500-step episode; episodes end at the first "
         "success. Evaluation seeds (object and goal placements) are disjoint from the demonstrations' seeds. "
         "Means pool the episodes of all tasks measured at that demonstration count (Wilson interval on the pool). "
         "ms/action: policy compute per executed action with all live episodes planned in one batch; training "
         "ran on one CPU thread of a shared 2-core machine, so equal wall-clock is equal budget only up to the "
-        "background load."
+        "background load." + ran
     )
     return sections, notes
 
@@ -299,6 +329,7 @@ def plot(points: dict[str, dict], a) -> None:
         ax.set_title(task if task != "mean" else "mean over tasks", fontsize=9)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(sorted(a.demos))
         ax.set_xticklabels([str(d) for d in sorted(a.demos)], fontsize=7)
         ax.tick_params(labelsize=7)

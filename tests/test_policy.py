@@ -294,11 +294,11 @@ def test_cli_collect_train_eval(tmp_path) -> None:
         "time_budget=null",
         cwd=tmp_path,
     )
-    out = localfm_cli("policy", "eval", "pol", "--episodes", "2", "--frames", "2", cwd=tmp_path)
+    out = localfm_cli("policy", "eval", "pol", "--episodes", "1", "--frames", "2", cwd=tmp_path)
     assert "reach: success" in out.stdout
     metrics = json.loads((tmp_path / "pol" / "eval.json").read_text())
     r = metrics["tasks"]["reach"]
-    assert r["episodes"] == 2 and 0 <= r["success_rate"] <= 1 and r["ms_per_action"] > 0
+    assert r["episodes"] == 1 and 0 <= r["success_rate"] <= 1 and r["ms_per_action"] > 0
     assert (tmp_path / "pol" / "trajectory.png").is_file()
     # The strip exists wherever an offscreen renderer works; otherwise eval said so.
     assert (tmp_path / "pol" / "rollout.png").is_file() or "no offscreen renderer" in out.stdout
