@@ -333,7 +333,8 @@ def main() -> None:
         )
         write_results(
             a.name,
-            "Suite 1: 2-D densities, all contenders at an equal budget (issue 5)",
+            "Suite 1: 2-D densities, all contenders at an equal budget (issue 5)"
+            + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else ""),
             meta,
             sections(a, rows, best, missing),
             notes=notes,

@@ -18,7 +18,11 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 # Issue 5's comparison suites: the sections whose figures lead the page.
 HEADLINES = {
     "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
-    "power": ("Suite 2, POWER", ["Summary", "Time for LFM to reach FM's final NLL (20k subset)"]),
+    "power": ("Suite 2, POWER", ["Summary"]),
+    "power_lfm-dopri5": (
+        "Suite 2, POWER, LFM with a consistent (dopri5) pushforward",
+        ["Test NLL (full test split unless n_test says otherwise)"],
+    ),
 }
 
 
@@ -49,6 +53,15 @@ def headlines() -> list[str]:
     return parts
 
 
+def findings() -> list[str]:
+    """``benchmarks/findings.md``: the hand-written reading of the comparison suites, if present."""
+    path = ROOT / "benchmarks" / "findings.md"
+    if not path.is_file():
+        return []
+    text = path.read_text().strip()
+    return ["\n".join("#" + line if line.startswith("#") else line for line in text.splitlines()), ""]
+
+
 def main() -> Path:
     tables = sorted(RESULTS.glob("*.md"))
     full = [p for p in tables if not any(k in p.stem for k in SMOKE)]
@@ -59,6 +72,7 @@ def main() -> Path:
         "(hardware, command, date and git revision included). Regenerate this page with",
         "`python benchmarks/collect.py`. Quick runs are CI smoke runs on tiny budgets, not results.\n",
         *headlines(),
+        *findings(),
     ]
     for p in full:
         text = p.read_text().strip()

@@ -361,6 +361,7 @@ def _fit_contender(name: str, cfg: dict, x: Tensor, budget: float, seed: int, cu
         sample,
         {
             "config": cfg,
+            "solver": cfg.get("solver"),
             "blocks": len(flow),
             "train_points": x.shape[0],
             "per_block_train_s": [round(b["train_seconds"], 2) for b in tl],
