@@ -36,7 +36,7 @@ EXAMPLES = {
 }
 
 
-DEMO_BUDGET = 140.0  # seconds of training (pushforward included) for `localfm demo`
+DEMO_BUDGET = 120.0  # seconds of training (pushforward included) for `localfm demo`
 # The demo's small networks train faster on 1 thread than on 2: 1.4-2.5x the steps per second,
 # 1 and 2 threads alternated in one process with other jobs on the 2-core machine (every small op
 # of a 2-thread run waits for its second thread to be scheduled).
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "train a small LFM on the 2-D tree density and write a report")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument(
-        "--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 140)"
+        "--time-budget", type=float, default=None, help="training seconds, pushforward included (default: 120)"
     )
     d.add_argument("--quick", action="store_true", help="a 30-second smoke version")
 
@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = add("plot", "write the figures of a run into RUN/plots")
     pl.add_argument("run", help="run folder")
-    pl.add_argument("--n-samples", type=int, default=None, help="default: 100,000 for 2-D data, else 20,000")
+    pl.add_argument("--n-samples", type=int, default=None, help="default: 40,000 for 2-D data, else 20,000")
 
     r = add("report", "write RUN/report.md and RUN/report.html from metrics and plots")
     r.add_argument("run", help="run folder")

@@ -76,7 +76,7 @@ def plot_samples_2d(samples: np.ndarray, target: np.ndarray, path: Path, box=Non
     """Histograms of model samples and of the target's points on one colour scale (per point)."""
     plt = _plt()
     box = box or box_2d(target)
-    bins = 256
+    bins = 200
     # One scale for both panels, taken from the target and rescaled by the point counts.
     top = _robust_max(_counts(target, box, bins)) / len(target)
     fig, axes = plt.subplots(1, 2, figsize=(12, 6))
@@ -103,7 +103,7 @@ def plot_block_paths(encode_path: list[np.ndarray], decode_path: list[np.ndarray
     return _save(fig, path)
 
 
-def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution: int = 128) -> Path:
+def plot_density_2d(log_prob_fn, path: Path, box, true_log_prob=None, resolution: int = 100) -> Path:
     """Heat map of the learned density (and the true one when known) on a grid over ``box``."""
     plt = _plt()
     xs = np.linspace(box[0], box[1], resolution)

@@ -212,7 +212,7 @@ def evaluate_run(
         if ds.kind == "image":
             metrics.update(_bits_per_dim(metrics, flow.dim, ds.levels or 256))
         else:
-            metrics["solver_check"] = solver_check(flow, torch.from_numpy(x[:2000]), batch)
+            metrics["solver_check"] = solver_check(flow, torch.from_numpy(x[:1000]), batch)
         if ds.log_prob is not None and ds.sampler is not None:
             from .datasets import true_entropy
 
@@ -345,7 +345,7 @@ def sample_run(run: str | Path, n: int, out: str | Path | None = None, *, seed: 
 def plot_run(run: str | Path, *, n_samples: int | None = None, seed: int = 0) -> list[Path]:
     """All figures of a run into ``run/plots``; returns their paths.
 
-    ``n_samples`` defaults to 100,000 for 2-D data (thin structures need many points to show; the
+    ``n_samples`` defaults to 40,000 for 2-D data (thin structures need many points to show; the
     target then comes from the dataset's sampler when it has one) and 20,000 otherwise.
     """
     from . import plots
@@ -359,14 +359,14 @@ def plot_run(run: str | Path, *, n_samples: int | None = None, seed: int = 0) ->
     made = [plots.plot_losses(flow.training_log, folder / "losses.png")]
     if ds.kind == "image":
         return made + _image_figures(flow, ds, folder, g, min(n_samples or 64, 64))
-    n = n_samples or (100_000 if flow.dim == 2 else 20_000)
+    n = n_samples or (40_000 if flow.dim == 2 else 20_000)
     samples = flow.sample(n, generator=g).double().numpy()
     test = ds.test[:n].astype(np.float64)
     if flow.dim == 2:
         box = plots.box_2d(test)
         target = ds.sampler(n, np.random.default_rng([seed, 2])) if ds.sampler is not None else test
         made.append(plots.plot_samples_2d(samples, target, folder / "samples.png", box))
-        m = min(len(test), 10_000)
+        m = min(len(test), 5_000)
         enc = flow.encode(torch.from_numpy(test[:m]), return_path=True)
         dec = flow.decode(torch.randn(m, 2, generator=g), return_path=True)
         # Paths are in the standardised coordinates where the blocks act; the data ends in data units.
