@@ -149,8 +149,8 @@ class Store:
 
     def write(self) -> None:
         # Several processes may share one results file (e.g. parts single and multi side by side).
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.stem}.lock"), "w") as lock:
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(WORK / f"{self.path.stem}.lock", "w") as lock:  # outside the results folder
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._merge()
             self._write()
