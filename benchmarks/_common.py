@@ -66,6 +66,18 @@ def _load_average() -> float | None:
 _LOAD_AT_IMPORT = _load_average()  # the scripts import this module first: the load when they started
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or ``None`` when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def set_threads(n: int | None) -> int:
     """Pin torch's intra-op threads (``None`` keeps torch's default); returns the count in use."""
     if n is not None:

@@ -276,12 +276,8 @@ def sections(a, rows: dict, best: dict, missing: dict) -> dict:
 
 
 def plot(a, rows: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common.pyplot()
+    if plt is None:
         return
     runs = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
     data = [d for d in a.datasets if any(r["dataset"] == d for r in runs)]

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import _common  # first: sets OMP_WAIT_POLICY before torch loads
 import numpy as np
 import torch
 from _common import RESULTS, ROOT, command_line, metadata, set_threads, write_results
@@ -292,12 +292,8 @@ def summarise(points: dict[str, dict], a, commands=()) -> tuple[dict, str]:
 
 
 def plot(points: dict[str, dict], a) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common.pyplot()
+    if plt is None:
         return
     tasks = [t for t in a.tasks if any(k.split("/")[2] == t for k in points if k.startswith("single/"))]
     if not tasks:

@@ -411,12 +411,8 @@ def sections(a, rows: dict, missing: dict) -> dict:
 
 
 def plot(a, rows: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common.pyplot()
+    if plt is None:
         return
     curves = rows.get("curves", [])
     if not curves:

@@ -144,12 +144,8 @@ def sections(a, rows: list[dict]) -> dict:
 
 
 def plot(a, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _common.pyplot()
+    if plt is None:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, data in enumerate(a.datasets):
