@@ -151,6 +151,7 @@ def _progress_bar():
             desc = f"block {p.block + 1}/{p.n_blocks} " + ("train" if p.phase == "train" else "push ")
             state["bar"] = tqdm(
                 total=p.steps,
+                initial=p.step,  # the first report comes after log_every steps: no rate from them
                 desc=desc,
                 unit="step" if p.phase == "train" else "pt",
                 unit_scale=p.phase == "push",
@@ -162,9 +163,9 @@ def _progress_bar():
         bar = state["bar"]
         bar.n = p.step
         spent = bar.format_dict["elapsed"]
-        if p.phase == "train" and math.isfinite(p.eta) and p.step and spent > 0:
+        if p.phase == "train" and math.isfinite(p.eta) and p.step > bar.initial and spent > 0:
             # Under a time budget a block stops at its deadline: show the steps it will reach.
-            bar.total = min(p.steps, max(p.step, round(p.step * (1 + p.eta / spent))))
+            bar.total = min(p.steps, p.step + round((p.step - bar.initial) * p.eta / spent))
         if p.phase == "train":
             bar.set_postfix(
                 loss=f"{p.loss:.4f}", rate=f"{p.samples_per_s / 1e3:.0f}k/s", left=f"{p.eta:.0f}s", refresh=False
