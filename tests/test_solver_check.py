@@ -30,3 +30,12 @@ def test_a_rough_field_on_one_rk4_step_is_flagged_and_a_fine_solve_is_not():
     assert fine["converged"] and abs(fine["difference"]) < 1e-3
     adaptive = solver_check(flow_with(rough, SolverConfig("dopri5", rtol=1e-6, atol=1e-6)), x)
     assert adaptive["converged"] and "rtol 1e-08" in adaptive["finer_solver"]
+
+
+def test_an_explicit_finer_solver_and_the_standard_error():
+    x = randn(300, 2, generator=make_gen(2))
+    rough = NetConfig(width=32, depth=2, activation="tanh", x_fourier=16, x_fourier_scale=6.0)
+    c = solver_check(flow_with(rough, SolverConfig("rk4", 1)), x, finer=SolverConfig("rk4", 64))
+    assert c["finer_solver"] == "rk4 x64" and c["finer_seconds"] > 0
+    assert 0 < c["difference_se"] < abs(c["difference"])
+    torch.testing.assert_close(torch.tensor(c["difference"]), torch.tensor(c["nll_finer"] - c["nll"]))
