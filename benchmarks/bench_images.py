@@ -42,6 +42,8 @@ import localfm  # noqa: E402
 from localfm.classifier import ClassifierConfig, classifier_for, frechet_distance, train_classifier  # noqa: E402
 from localfm.datasets import bits_per_dim, dequantize, load  # noqa: E402
 from localfm.metrics import nll_summary  # noqa: E402
+from localfm.plots import plot_image_grids  # noqa: E402
+from localfm.runs import solver_check  # noqa: E402
 
 UNBOUNDED_STEPS = 1_000_000  # the time budget decides
 
@@ -84,6 +86,9 @@ def score(flow, ds, clf, args, seed: int) -> dict:
     for k in range(args.sample_sets):
         g = torch.Generator().manual_seed(10_000 * (seed + 1) + k)
         fds.append(frechet_distance(flow.sample(args.samples, generator=g, batch_size=256), ref, clf))
+    # the bits/dim are only exact once the ODE solves have converged: the same check as `localfm eval`
+    check = solver_check(flow, torch.from_numpy(x[: args.check_points]), batch_size=256)
+    to_bpd = 1.0 / (flow.dim * math.log(2))
     return {
         "bits_per_dim": float(bits_per_dim(s["nll"], flow.dim, levels)),
         "bpd_se": s["nll_se"] / (flow.dim * math.log(2)),
@@ -93,6 +98,9 @@ def score(flow, ds, clf, args, seed: int) -> dict:
         "cfd_sets": fds,
         "bpd_s": bpd_s,
         "sample_s": time.perf_counter() - t0,
+        "check_bpd_diff": check["difference"] * to_bpd,
+        "check_bpd_se": check["difference_se"] * to_bpd,
+        "check_solver": check["finer_solver"],
     }
 
 
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--bpd-points", type=int, default=None, help="test images for bits/dim (default 1000)")
     parser.add_argument("--samples", type=int, default=None, help="samples per set (default 1000)")
     parser.add_argument("--sample-sets", type=int, default=None, help="independent sample sets (default 3)")
+    parser.add_argument("--check-points", type=int, default=None, help="test images for the solver check (default 100)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default=None, help="results file name (default images, quick: images_quick)")
     args = parser.parse_args()
@@ -139,6 +148,9 @@ def main() -> None:
     args.bpd_points = args.bpd_points or (40 if q else 1000)
     args.samples = args.samples or (180 if q else 1000)
     args.sample_sets = args.sample_sets or (2 if q else 3)
+    args.check_points = args.check_points or (10 if q else 100)
+    name = args.name or ("images_quick" if q else "images")
+    work = ROOT / "runs" / "bench_images" / name
     threads = set_threads(args.threads)
 
     cfgs = configs(q)
@@ -160,16 +172,16 @@ def main() -> None:
     classifier_s = time.perf_counter() - t0
     real = frechet_distance(ds.val[: args.samples], ds.test[: args.samples], clf)
 
-    rows = []
+    rows, grids = [], {"test images": ds.test[:64]}
     for seed in args.seeds:
-        for name, cfg in cfgs.items():  # alternate, so both models see the same background load
+        for model, cfg in cfgs.items():  # alternate, so both models see the same background load
             x = torch.from_numpy(ds.train[: cfg.get("data_limit")])
             t0, c0 = time.perf_counter(), time.process_time()
             flow = localfm.fit(x, cfg, time_budget=args.budget, seed=seed)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             log = flow.training_log
             row = {
-                "model": name,
+                "model": model,
                 "seed": seed,
                 "parameters": sum(p.numel() for p in flow.parameters()),
                 "blocks": len(flow),
@@ -184,14 +196,17 @@ def main() -> None:
             }
             row.update(score(flow, ds, clf, args, seed))
             rows.append(row)
+            localfm.save(flow, work / f"{model.lower()}_seed{seed}")
+            g = torch.Generator().manual_seed(seed)
+            grids[f"{model} samples, seed {seed}"] = flow.sample(64, generator=g).numpy()
             print(
-                f"{name} seed {seed}: bpd {row['bits_per_dim']:.4f} ± {row['bpd_se']:.4f}, classifier FD "
+                f"{model} seed {seed}: bpd {row['bits_per_dim']:.4f} ± {row['bpd_se']:.4f}, classifier FD "
                 f"{row['cfd_mean']:.3f} ± {row['cfd_sd']:.3f}, {row['total_steps']} steps in {wall:.0f} s",
                 flush=True,
             )
 
     per_run = [{k: v for k, v in r.items() if k != "cfd_sets"} for r in rows]
-    name = args.name or ("images_quick" if q else "images")
+    grid_png = plot_image_grids(grids, ROOT / "benchmarks" / "results" / f"{name}_samples.png")
     path = write_results(
         name,
         "LFM vs FM on images: equal total parameters, equal wall-clock",
@@ -219,7 +234,9 @@ def main() -> None:
             "this sample size. Bits/dim: uniform dequantisation, Hutchinson divergence, standard error "
             "over test images (it includes the probe noise). Both models get the same wall-clock budget "
             "for `fit`, pushforwards included; on a shared machine wall-clock budgets are noisy "
-            "(see `fit_cpu_s`)."
+            "(see `fit_cpu_s`). `check_bpd_diff ± check_bpd_se`: bits/dim of the first test images with "
+            "twice the solver steps minus with the model's own (the solver check of `localfm eval`); "
+            f"sample grids: {grid_png.name}; models saved in runs/bench_images/{name}."
         ),
         section_notes={"Per run": "`cfd_mean ± cfd_sd` are over the independent sample sets of one model."},
         raw={"runs": rows, "configs": cfgs},
