@@ -136,6 +136,10 @@ def test_demo_quick_writes_a_report(tmp_path: Path) -> None:
     assert "report.html" in proc.stdout
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert m["dataset"] == "tree" and np.isfinite(m["nll"])
+    # the fork levels of the tree: the target shows more than a seconds-long quick model can
+    b = m["branching"]
+    assert b["target"]["levels"] >= 6 and 0 <= b["model"]["levels"] <= b["target"]["levels"]
+    assert "fork levels shown" in (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_distill_then_sample_and_eval_the_student(run: Path) -> None:

@@ -19,7 +19,7 @@ from localfm.datasets import (
     load_user_file,
     true_entropy,
 )
-from localfm.datasets.drawings import draw_tree
+from localfm.datasets.drawings import branching_levels, draw_tree
 from localfm.datasets.pixel_density import PixelMixture
 
 TOYS = ["checkerboard", "8gaussians", "pinwheel", "swissroll", "moons", "circles", "2spirals", "rings"]
@@ -226,6 +226,23 @@ def test_tree_has_many_levels_of_branching():
     assert 0.0 <= tree.ink.min() and tree.ink.max() <= 1.0
     # anti-aliased: partial coverage exists
     assert np.any((tree.ink > 0.05) & (tree.ink < 0.95))
+
+
+def test_branching_levels_count_the_forks_a_density_shows():
+    tree = draw_tree()
+    assert len(tree.forks) == 2 ** (tree.levels - 1) - 1
+    assert np.allclose(tree.forks[:, 0, 0], tree.forks[:, 1, 0])  # siblings start at their parent's end
+    assert np.bincount(tree.fork_levels).tolist() == [0] + [2 ** (lv - 1) for lv in range(1, tree.levels)]
+    sharp = PixelMixture(tree.ink)
+    got = branching_levels(sharp.log_prob, tree, sharp.pixel)
+    # the deepest forks' siblings are 2-3 pixels apart, closer than the strokes are wide: about six show
+    assert 6 <= got["levels"] < got["of"] == tree.levels - 1
+    assert got["contrast"][0] > got["contrast"][got["levels"]]  # the contrast fades with depth
+    # the same drawing blurred by 3 pixels shows fewer forks; a Gaussian blob shows none
+    blurred = PixelMixture(tree.ink, sigma_px=3.0)
+    assert branching_levels(blurred.log_prob, tree, blurred.pixel)["levels"] < got["levels"]
+    blob = branching_levels(lambda x: -0.5 * (x**2).sum(1), tree, sharp.pixel)
+    assert blob["levels"] == 0 and max(blob["contrast"]) < 0.7
 
 
 def test_pixel_mixture_log_prob_is_exact_and_fast(toy_sets):

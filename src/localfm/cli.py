@@ -183,7 +183,7 @@ def _print_table(rows: list[tuple[str, str]]) -> None:
 
 def _after_training(run: Path, *, quick: bool = False) -> None:
     from . import distributed
-    from .runs import evaluate_run, plot_run, write_report
+    from .runs import branching_text, evaluate_run, plot_run, write_report
 
     main = distributed.world().is_main
     if main:
@@ -208,6 +208,8 @@ def _after_training(run: Path, *, quick: bool = False) -> None:
                 + ("" if sc["converged"] else " (NOT converged)"),
             )
         )
+    if "branching" in m:
+        rows.append(("fork levels shown", branching_text(m["branching"])))
     if "bits_per_dim" in m:
         rows.append(("bits/dim", f"{m['bits_per_dim']:.4f} ± {m['bits_per_dim_se']:.4f}"))
     if "classifier_frechet_distance" in m:
@@ -309,7 +311,7 @@ def cmd_sample(args) -> None:
 
 def cmd_eval(args) -> None:
     from . import distributed
-    from .runs import evaluate_run
+    from .runs import branching_text, evaluate_run
 
     with distributed.session("cpu"):  # a loaded run lives on the CPU: gloo
         m = evaluate_run(
@@ -317,7 +319,10 @@ def cmd_eval(args) -> None:
         )
         if not distributed.world().is_main:
             return
-    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items() if k != "solver_check"]
+    nested = ("solver_check", "branching")
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in m.items() if k not in nested]
+    if "branching" in m:
+        rows.append(("branching", branching_text(m["branching"])))
     if "solver_check" in m:
         sc = m["solver_check"]
         rows.append(

@@ -78,6 +78,15 @@ class TreeDrawing:
     tips: np.ndarray  # (2^(levels-1), 2) twig end points, pixels (x, y)
     levels: int
     radii: tuple[float, ...]  # stroke half-width at the start of each level, pixels
+    forks: np.ndarray  # (2^(levels-1) - 1, 2, 2, 2): per fork, its two children's (start, end), pixels (x, y)
+    fork_levels: np.ndarray  # (2^(levels-1) - 1,) the children's level (1 = the trunk's fork)
+
+    def fork_probes(self, fraction: float = 0.75) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Points to tell whether a picture of the tree shows a fork: a point ``fraction`` of the way
+        along each child, ``on`` (F, 2, 2), and the midpoint between the two, ``gap`` (F, 2), where
+        the wedge between sibling branches is empty; with ``fork_levels``. Pixels (x, y)."""
+        on = self.forks[:, :, 0] + fraction * (self.forks[:, :, 1] - self.forks[:, :, 0])
+        return on, on.mean(axis=1), self.fork_levels
 
 
 @lru_cache(maxsize=4)
@@ -93,16 +102,20 @@ def draw_tree(size: int = 256, levels: int = 10) -> TreeDrawing:
         raise ValueError(f"levels must be >= 2, got {levels}")
     rng = np.random.RandomState(7)
     segments = []  # (p, q, level)
+    forks = []  # indices into segments of the two children of one branch
 
-    def grow(p, angle, length, level):
+    def grow(p, angle, length, level) -> int:
         q = (p[0] + length * math.sin(angle), p[1] + length * math.cos(angle))
         segments.append((p, q, level))
-        if level + 1 >= levels:
-            return
-        for side in (-1.0, 1.0):
-            turn = side * math.radians(25.0 + rng.uniform(-6.0, 6.0))
-            child = 0.88 * (angle + turn)  # pull towards the vertical keeps a crown shape
-            grow(q, child, length * 0.74 * rng.uniform(0.9, 1.1), level + 1)
+        index = len(segments) - 1
+        if level + 1 < levels:
+            children = []
+            for side in (-1.0, 1.0):
+                turn = side * math.radians(25.0 + rng.uniform(-6.0, 6.0))
+                child = 0.88 * (angle + turn)  # pull towards the vertical keeps a crown shape
+                children.append(grow(q, child, length * 0.74 * rng.uniform(0.9, 1.1), level + 1))
+            forks.append(children)
+        return index
 
     grow((0.0, 0.0), 0.0, 1.0, 0)
     ends = np.array([pt for p, q, _ in segments for pt in (p, q)])
@@ -121,7 +134,37 @@ def draw_tree(size: int = 256, levels: int = 10) -> TreeDrawing:
         canvas.stroke(to_px(p), to_px(q), radii[lev], radii[lev + 1])
         if lev == levels - 1:
             tips.append(to_px(q))
-    return TreeDrawing(canvas.ink, np.array(tips), levels, radii[:levels])
+    ends = np.array([[to_px(p), to_px(q)] for p, q, _ in segments])
+    fork_levels = np.array([segments[a][2] for a, _ in forks])
+    return TreeDrawing(canvas.ink, np.array(tips), levels, radii[:levels], ends[np.array(forks)], fork_levels)
+
+
+#: a fork counts as drawn when the density on its two branches is at least twice that between them
+FORK_CONTRAST = math.log(2.0)
+
+
+def branching_levels(log_density, drawing: TreeDrawing, pixel: float, fraction: float = 0.75) -> dict:
+    """How many levels of the tree's forks a density shows.
+
+    ``log_density`` maps points in data units, (n, 2), to log-densities; the drawing fills the box
+    [-W/2, W/2] x [-H/2, H/2] pixels of width ``pixel`` (as :class:`PixelMixture` places it). Per
+    fork: the mean log-density at the two children's probe points minus the log-density in the
+    gap between them (:meth:`TreeDrawing.fork_probes`). ``contrast[l - 1]`` is the median over the
+    forks of level ``l``; ``levels`` counts the levels, from the trunk's fork outwards, whose
+    median contrast is at least ``FORK_CONTRAST`` (the branches at least twice as dense as the gap).
+    """
+    on, gap, level = drawing.fork_probes(fraction)
+    h, w = drawing.ink.shape
+
+    def to_data(px: np.ndarray) -> np.ndarray:
+        return np.stack([(px[..., 0] - w / 2) * pixel, (h / 2 - px[..., 1]) * pixel], -1).reshape(-1, 2)
+
+    lp = np.asarray(log_density(np.concatenate([to_data(on), to_data(gap)])), dtype=np.float64)
+    n = len(gap)
+    contrast = lp[: 2 * n].reshape(n, 2).mean(1) - lp[2 * n :]
+    per_level = [float(np.median(contrast[level == lv])) for lv in range(1, drawing.levels)]
+    shown = next((i for i, c in enumerate(per_level) if not c >= FORK_CONTRAST), len(per_level))
+    return {"levels": shown, "of": len(per_level), "contrast": per_level}
 
 
 def _bezier(p0, p1, p2, n: int = 60) -> np.ndarray:
