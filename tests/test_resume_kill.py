@@ -10,6 +10,7 @@ thread).
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -71,3 +72,16 @@ def test_resume_from_each_kind_of_checkpoint(tmp_path, where, one_thread):
     resumed = localfm.fit(target.data(), target.CONFIG, run_dir=run_dir, resume=True)
     identical, diff = cases.compare(cases.reference_tensors(), resumed.state_dict())
     assert identical, f"differs by up to {diff:g}"
+
+
+def test_log_drops_the_partial_line_a_kill_left(tmp_path):
+    from localfm.runs import open_log
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')  # killed in the middle of a write
+    with open_log(path) as f:
+        f.write('{"step": 3}\n')
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    with open_log(path) as f:  # a whole file is left as it is
+        f.write('{"step": 4}\n')
+    assert path.read_text().count("\n") == 4

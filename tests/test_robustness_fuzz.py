@@ -119,6 +119,7 @@ def test_fit_rejects_malformed_data(x):
 @given(seeds)
 def test_user_data_files(seed):
     from localfm import datasets
+
     with tempfile.TemporaryDirectory() as tmp:
         path = cases.malformed_data(random.Random(seed), Path(tmp))
         ds = _expect_library_error(datasets.load_user_file, path)

@@ -100,7 +100,7 @@ def train_run(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
         write_json(out / "run.json", info)
-        log_file = (out / "log.jsonl").open("a")
+        log_file = open_log(out / "log.jsonl")
 
     def on_progress(p: Progress) -> None:
         if p.phase != "push" or p.step == p.steps:
@@ -240,6 +240,17 @@ def evaluate_run(
         write_json(run / "metrics.json", metrics)
     distributed.barrier()
     return metrics
+
+
+def open_log(path: Path):
+    """``path`` opened for appending JSON lines; a partial last line (a run killed mid-write) is cut
+    off first, so that a resumed run's lines stay one JSON object each."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a")
 
 
 def tree_branching(flow: LocalFlow, ds) -> dict[str, Any]:
