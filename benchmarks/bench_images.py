@@ -18,6 +18,7 @@ seeds. Runs alternate LFM / FM so both see the same background load.
     python benchmarks/bench_images.py --quick                # CI smoke run on 8x8 digits, < 90 s
     python benchmarks/bench_images.py                        # Fashion-MNIST, 3 seeds x 2 x 1 h
     python benchmarks/bench_images.py --budget 600 --seeds 0 --name images_short  # a shorter run
+    python benchmarks/bench_images.py --study 1 2 4 --bpd-points 100  # re-score the saved models: bits/dim vs ODE steps
 """
 
 from __future__ import annotations
@@ -129,6 +130,51 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def solver_study(args, name: str) -> None:
+    """Bits/dim of the saved models of results/<name>.json at several solver step counts, on the
+    same dequantised test images: how far the likelihood is from converged at the configs' solver."""
+    import dataclasses
+    import json
+
+    from _common import RESULTS, render
+
+    path = RESULTS / f"{name}.json"
+    payload = json.loads(path.read_text())
+    ds = load(payload["raw"]["configs"]["LFM"]["data"])
+    levels = ds.levels or 256
+    rows = []
+    for run in payload["raw"]["runs"]:
+        flow = localfm.load(ROOT / "runs" / "bench_images" / name / f"{run['model'].lower()}_seed{run['seed']}")
+        x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([run["seed"], 1]), levels=levels)
+        for factor in args.study:
+            solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor)
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(run["seed"])
+            lp = flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g)
+            s = nll_summary(lp)
+            rows.append(
+                {
+                    "model": run["model"],
+                    "seed": run["seed"],
+                    "solver": f"rk4 x{solver.steps} per block",
+                    "network evaluations": 4 * solver.steps * len(flow),
+                    "bits_per_dim": float(bits_per_dim(s["nll"], flow.dim, levels)),
+                    "bpd_se": s["nll_se"] / (flow.dim * math.log(2)),
+                    "test images": s["n"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            print(rows[-1], flush=True)
+    payload["sections"]["Bits/dim against solver steps"] = rows
+    payload.setdefault("section_notes", {})["Bits/dim against solver steps"] = (
+        "The saved models re-scored on the first test images with more ODE steps (Hutchinson "
+        "divergence, so each line has its own probe noise): bits/dim are only meaningful where they have "
+        f"stopped moving. Measured by `{' '.join(['python', *sys.argv])}`."
+    )
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"updated {path} and {render(name)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="8x8 digits, tiny UNets, seconds of training (< 90 s)")
@@ -141,6 +187,13 @@ def main() -> None:
     parser.add_argument("--check-points", type=int, default=None, help="test images for the solver check (default 100)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default=None, help="results file name (default images, quick: images_quick)")
+    parser.add_argument(
+        "--study",
+        type=int,
+        nargs="+",
+        default=None,
+        help="re-score the saved models of --name at these multiples of their solver steps (no training)",
+    )
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
@@ -152,6 +205,8 @@ def main() -> None:
     name = args.name or ("images_quick" if q else "images")
     work = ROOT / "runs" / "bench_images" / name
     threads = set_threads(args.threads)
+    if args.study:
+        return solver_study(args, name)
 
     cfgs = configs(q)
     if args.data_limit is not None:
