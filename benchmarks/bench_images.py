@@ -131,32 +131,40 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def solver_study(args, name: str) -> None:
-    """Bits/dim of the saved models of results/<name>.json at several solver step counts, on the
-    same dequantised test images: how far the likelihood is from converged at the configs' solver."""
+    """Bits/dim of the models saved by a run of this script (runs/bench_images/<name>) at several
+    solver step counts, on the same dequantised test images: how far each likelihood is from
+    converged at its config's solver. Writes results/<name>_study; rows of models not in
+    ``--models`` that are already there are kept."""
     import dataclasses
     import json
 
-    from _common import RESULTS, render
+    from _common import RESULTS
 
-    path = RESULTS / f"{name}.json"
-    payload = json.loads(path.read_text())
-    ds = load(payload["raw"]["configs"]["LFM"]["data"])
+    out = f"{name}_study"
+    old = RESULTS / f"{out}.json"
+    rows = (
+        [r for r in json.loads(old.read_text())["raw"]["rows"] if r["model"] not in args.models] if old.exists() else []
+    )
+    ds = load("digits" if args.quick else "fashion-mnist")
     levels = ds.levels or 256
-    rows = []
-    for run in payload["raw"]["runs"]:
-        flow = localfm.load(ROOT / "runs" / "bench_images" / name / f"{run['model'].lower()}_seed{run['seed']}")
-        x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([run["seed"], 1]), levels=levels)
+    seeds = set()
+    for folder in sorted((ROOT / "runs" / "bench_images" / name).glob("*_seed*")):
+        model, seed = folder.name.split("_seed")
+        if model.upper() not in args.models or int(seed) not in args.seeds:
+            continue
+        flow, seed = localfm.load(folder), int(seed)
+        seeds.add(seed)
+        x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([seed, 1]), levels=levels)
         for factor in args.study:
             solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor)
             t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(run["seed"])
-            lp = flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g)
-            s = nll_summary(lp)
+            g = torch.Generator().manual_seed(seed)
+            s = nll_summary(flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g))
             rows.append(
                 {
-                    "model": run["model"],
-                    "seed": run["seed"],
-                    "solver": f"rk4 x{solver.steps} per block",
+                    "model": model.upper(),
+                    "seed": seed,
+                    "rk4 steps per block": solver.steps,
                     "network evaluations": 4 * solver.steps * len(flow),
                     "bits_per_dim": float(bits_per_dim(s["nll"], flow.dim, levels)),
                     "bpd_se": s["nll_se"] / (flow.dim * math.log(2)),
@@ -165,14 +173,20 @@ def solver_study(args, name: str) -> None:
                 }
             )
             print(rows[-1], flush=True)
-    payload["sections"]["Bits/dim against solver steps"] = rows
-    payload.setdefault("section_notes", {})["Bits/dim against solver steps"] = (
-        "The saved models re-scored on the first test images with more ODE steps (Hutchinson "
-        "divergence, so each line has its own probe noise): bits/dim are only meaningful where they have "
-        f"stopped moving. Measured by `{' '.join(['python', *sys.argv])}`."
+    path = write_results(
+        out,
+        f"Bits/dim against ODE solver steps: the models of results/{name}",
+        metadata(sorted(seeds), dataset=ds.name, models=args.models),
+        {"Bits/dim against solver steps": rows},
+        notes=(
+            f"The models saved by the run of results/{name}.md, re-scored on the first {args.bpd_points} "
+            "test images (uniformly dequantised, the same images for every line) with more RK4 steps. "
+            "Hutchinson divergence: every line has its own probe noise, included in `bpd_se`. Bits/dim "
+            "are only meaningful where they have stopped moving."
+        ),
+        raw={"rows": rows},
     )
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"updated {path} and {render(name)}")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 def main() -> None:
@@ -194,6 +208,7 @@ def main() -> None:
         default=None,
         help="re-score the saved models of --name at these multiples of their solver steps (no training)",
     )
+    parser.add_argument("--models", nargs="+", default=["LFM", "FM"], help="with --study: which models")
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
