@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
-from _common import ROOT, metadata, set_threads, write_results  # noqa: E402, I001
+from _common import ROOT, command_line, metadata, set_threads, write_results  # noqa: E402, I001
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -133,8 +133,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def solver_study(args, name: str) -> None:
     """Bits/dim of the models saved by a run of this script (runs/bench_images/<name>) at several
     solver step counts, on the same dequantised test images: how far each likelihood is from
-    converged at its config's solver. Writes results/<name>_study; rows of models not in
-    ``--models`` that are already there are kept."""
+    converged at its config's solver. Writes results/<name>_study, keeping the rows already there
+    for other models and step counts."""
     import dataclasses
     import json
 
@@ -142,9 +142,8 @@ def solver_study(args, name: str) -> None:
 
     out = f"{name}_study"
     old = RESULTS / f"{out}.json"
-    rows = (
-        [r for r in json.loads(old.read_text())["raw"]["rows"] if r["model"] not in args.models] if old.exists() else []
-    )
+    raw = json.loads(old.read_text())["raw"] if old.exists() else {"rows": [], "commands": []}
+    rows, commands = raw["rows"], [c for c in raw["commands"] if c != command_line()] + [command_line()]
     ds = load("digits" if args.quick else "fashion-mnist")
     levels = ds.levels or 256
     seeds = set()
@@ -157,6 +156,8 @@ def solver_study(args, name: str) -> None:
         x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([seed, 1]), levels=levels)
         for factor in args.study:
             solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor)
+            key = (model.upper(), seed, solver.steps)
+            rows = [r for r in rows if (r["model"], r["seed"], r["rk4 steps per block"]) != key]  # measured anew
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             s = nll_summary(flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g))
@@ -173,6 +174,7 @@ def solver_study(args, name: str) -> None:
                 }
             )
             print(rows[-1], flush=True)
+    rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], r["rk4 steps per block"]))
     path = write_results(
         out,
         f"Bits/dim against ODE solver steps: the models of results/{name}",
@@ -182,9 +184,11 @@ def solver_study(args, name: str) -> None:
             f"The models saved by the run of results/{name}.md, re-scored on the first {args.bpd_points} "
             "test images (uniformly dequantised, the same images for every line) with more RK4 steps. "
             "Hutchinson divergence: every line has its own probe noise, included in `bpd_se`. Bits/dim "
-            "are only meaningful where they have stopped moving."
+            "are only meaningful where they have stopped moving. Rows measured by: "
+            + "; ".join(f"`{c}`" for c in commands)
+            + "."
         ),
-        raw={"rows": rows},
+        raw={"rows": rows, "commands": commands},
     )
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
