@@ -143,7 +143,7 @@ def solver_study(args, name: str) -> None:
     out = f"{name}_study"
     old = RESULTS / f"{out}.json"
     raw = json.loads(old.read_text())["raw"] if old.exists() else {"rows": [], "commands": []}
-    rows, commands = raw["rows"], [c for c in raw["commands"] if c != command_line()] + [command_line()]
+    rows, commands = raw["rows"], [c for c in raw.get("commands", []) if c != command_line()] + [command_line()]
     ds = load("digits" if args.quick else "fashion-mnist")
     levels = ds.levels or 256
     seeds = set()
