@@ -27,15 +27,19 @@ Velocity = Callable[[Tensor, Tensor], Tensor]
 class SolverConfig:
     """How a block's ODE is solved.
 
-    ``method`` is a fixed-step scheme (``euler``, ``midpoint``, ``rk4``: ``steps`` equal steps on
+    ``method`` is a fixed-step scheme (``euler``, ``midpoint``, ``rk4``: ``steps`` steps on
     [0, 1]) or an adaptive one (``dopri5``, ``bosh3``, ``dopri8``: relative and absolute
-    tolerances ``rtol``, ``atol``).
+    tolerances ``rtol``, ``atol``). ``grid_power`` p places the fixed steps at ``(k / steps)^p``:
+    1 spaces them equally, p > 1 crowds them towards t = 0, each block's data side, where the
+    velocity of a block next to sharp data changes fastest (on Fashion-MNIST the data-side block's
+    log-determinant needed 32 equal steps).
     """
 
     method: str = "dopri5"
     steps: int = 8
     rtol: float = 1e-5
     atol: float = 1e-5
+    grid_power: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in FIXED_METHODS + ADAPTIVE_METHODS:
@@ -44,6 +48,8 @@ class SolverConfig:
             raise ValueError(f"solver.steps must be an integer >= 1, got {self.steps!r}")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError(f"solver.rtol and solver.atol must be > 0, got {self.rtol}, {self.atol}")
+        if not (isinstance(self.grid_power, (int, float)) and 1 <= self.grid_power <= 4):
+            raise ValueError(f"solver.grid_power must be a number in [1, 4], got {self.grid_power!r}")
 
     @property
     def adaptive(self) -> bool:
@@ -114,15 +120,22 @@ def divergence_hutchinson(f: Callable[[Tensor], Tensor], x: Tensor, probe: Tenso
     return v.detach(), (g * probe).flatten(1).sum(1)
 
 
-def _uniform_grid(steps: int):
-    """``steps`` equal steps between the first and last time.
+def _fixed_grid(steps: int, power: float = 1.0):
+    """``steps`` steps between the first and last time, at ``lo + (hi - lo) (k / steps)^power``
+    (equal steps for power 1; crowded towards the lower time, a block's data side, for power > 1),
+    in the direction of integration.
 
     Not torchdiffeq's ``step_size``: that grid fails for t1 < t0 (it flips the times but not the
     step) and rounding in ``(t1 - t0) / step_size`` can add a zero-length step.
     """
 
     def grid(func, y0: Tensor, t: Tensor) -> Tensor:
-        return torch.linspace(float(t[0]), float(t[-1]), steps + 1, dtype=t.dtype, device=t.device)
+        t0, t1 = float(t[0]), float(t[-1])
+        lo, hi = min(t0, t1), max(t0, t1)
+        u = torch.linspace(0.0, 1.0, steps + 1, dtype=t.dtype, device=t.device) ** power
+        out = lo + (hi - lo) * u
+        out[0], out[-1] = lo, hi  # exact ends
+        return out if t0 <= t1 else out.flip(0)
 
     return grid
 
@@ -152,7 +165,7 @@ def integrate(
     """
     nfe = 0
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    options = {} if solver.adaptive else {"grid_constructor": _uniform_grid(solver.steps)}
+    options = {} if solver.adaptive else {"grid_constructor": _fixed_grid(solver.steps, solver.grid_power)}
     kwargs = {"rtol": solver.rtol, "atol": solver.atol} if solver.adaptive else {}
 
     if divergence is None:

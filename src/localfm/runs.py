@@ -323,7 +323,9 @@ def solver_check(
 
 
 def _solver_name(s) -> str:
-    return f"{s.method} rtol {s.rtol:g} atol {s.atol:g}" if s.adaptive else f"{s.method} x{s.steps}"
+    if s.adaptive:
+        return f"{s.method} rtol {s.rtol:g} atol {s.atol:g}"
+    return f"{s.method} x{s.steps}" + (f" on a t^{s.grid_power:g} grid" if s.grid_power != 1 else "")
 
 
 def _sample(flow: LocalFlow, n: int, generator: torch.Generator, batch_size: int = 65536) -> torch.Tensor:
