@@ -175,7 +175,9 @@ def solver_study(args, name: str) -> None:
                 }
             )
             print(rows[-1], flush=True)
-    rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], r.get("grid", 1.0), r["rk4 steps per block"]))
+    order = ("model", "seed", "rk4 steps per block", "grid")  # rows written before `grid` existed had equal steps
+    rows = [{**{k: r.get(k, 1.0) for k in order}, **r} for r in rows]
+    rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], r["grid"], r["rk4 steps per block"]))
     path = write_results(
         out,
         f"Bits/dim against ODE solver steps: the models of results/{name}",
