@@ -54,7 +54,7 @@ def headlines() -> list[str]:
 
 
 def findings() -> list[str]:
-    """``benchmarks/findings.md``: the hand-written reading of the comparison suites, if present."""
+    """``benchmarks/findings.md``: the hand-written reading of the results, if present."""
     path = ROOT / "benchmarks" / "findings.md"
     if not path.is_file():
         return []
