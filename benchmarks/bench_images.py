@@ -33,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
-from _common import ROOT, command_line, metadata, set_threads, write_results  # noqa: E402, I001
+import _common  # noqa: E402, I001
+from _common import ROOT, command_line, metadata, set_threads, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -130,7 +131,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def solver_study(args, name: str) -> None:
+def solver_study(args, name: str, work: Path) -> None:
     """Bits/dim of the models saved by a run of this script (runs/bench_images/<name>) at several
     solver step counts, on the same dequantised test images: how far each likelihood is from
     converged at its config's solver. Writes results/<name>_study, keeping the rows already there
@@ -138,7 +139,7 @@ def solver_study(args, name: str) -> None:
     import dataclasses
     import json
 
-    from _common import RESULTS
+    RESULTS = _common.RESULTS  # noqa: N806
 
     out = f"{name}_study"
     old = RESULTS / f"{out}.json"
@@ -147,7 +148,7 @@ def solver_study(args, name: str) -> None:
     ds = load("digits" if args.quick else "fashion-mnist")
     levels = ds.levels or 256
     seeds = set()
-    for folder in sorted((ROOT / "runs" / "bench_images" / name).glob("*_seed*")):
+    for folder in sorted(work.glob("*_seed*")):
         model, seed = folder.name.split("_seed")
         if model.upper() not in args.models or int(seed) not in args.seeds:
             continue
@@ -218,6 +219,9 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=["LFM", "FM"], help="with --study: which models")
     parser.add_argument("--grid-power", type=float, default=1.0, help="with --study: solver.grid_power")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder, models in OUT/models (default benchmarks/results)"
+    )
     args = parser.parse_args()
     q = args.quick
     args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
@@ -227,10 +231,13 @@ def main() -> None:
     args.sample_sets = args.sample_sets or (2 if q else 3)
     args.check_points = args.check_points or (10 if q else 100)
     name = args.name or ("images_quick" if q else "images")
-    work = ROOT / "runs" / "bench_images" / name
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _common.RESULTS = args.out
+    work = (args.out / "models" if args.out is not None else ROOT / "runs" / "bench_images") / name
     threads = set_threads(args.threads)
     if args.study:
-        return solver_study(args, name)
+        return solver_study(args, name, work)
 
     cfgs = configs(q)
     if args.data_limit is not None:
@@ -285,7 +292,8 @@ def main() -> None:
             )
 
     per_run = [{k: v for k, v in r.items() if k != "cfd_sets"} for r in rows]
-    grid_png = plot_image_grids(grids, ROOT / "benchmarks" / "results" / f"{name}_samples.png")
+    grid_png = plot_image_grids(grids, _common.RESULTS / f"{name}_samples.png")
+    kept = f"runs/bench_images/{name}" if args.out is None else f"models/{name} next to this file"
     path = write_results(
         name,
         "LFM vs FM on images: equal total parameters, equal wall-clock",
@@ -315,7 +323,7 @@ def main() -> None:
             "for `fit`, pushforwards included; on a shared machine wall-clock budgets are noisy "
             "(see `fit_cpu_s`). `check_bpd_diff ± check_bpd_se`: bits/dim of the first test images with "
             "twice the solver steps minus with the model's own (the solver check of `localfm eval`); "
-            f"sample grids: {grid_png.name}; models saved in runs/bench_images/{name}."
+            f"sample grids: {grid_png.name}; models saved in {kept}."
         ),
         section_notes={"Per run": "`cfd_mean ± cfd_sd` are over the independent sample sets of one model."},
         raw={"runs": rows, "configs": cfgs},

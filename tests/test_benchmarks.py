@@ -117,3 +117,48 @@ def test_bench_theory_tiny(tmp_path):
     free = [r for r in runs if r["variant"] == "free-block default"]
     assert {r["steps_per_block"] for r in free} == {20, 40} and all(r["N"] == 4 for r in free)
     assert all(math.isfinite(r["paired_gap"]) and r["se"] > 0 for r in runs)
+
+
+def test_bench_images_quick_then_its_solver_study(tmp_path):
+    """Fashion-MNIST's comparison at CI scale (8x8 digits, seconds): both models scored, saved,
+    drawn; then the saved models re-scored at more solver steps."""
+
+    def run(*extra: str) -> None:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "bench_images.py"),
+                "--quick",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    run()
+    runs = json.loads((tmp_path / "images_quick.json").read_text())["raw"]["runs"]
+    assert [r["model"] for r in runs] == ["LFM", "FM"]
+    lfm, fm = runs
+    assert abs(lfm["parameters"] - fm["parameters"]) < 0.05 * fm["parameters"]  # equal model size
+    for r in runs:
+        assert math.isfinite(r["bits_per_dim"]) and r["bpd_se"] > 0 and r["cfd_mean"] > 0
+        assert math.isfinite(r["check_bpd_diff"]) and r["check_solver"] == "rk4 x2"
+    assert (tmp_path / "images_quick_samples.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "models" / "images_quick").iterdir()) == ["fm_seed0", "lfm_seed0"]
+
+    run("--study", "1", "2", "--models", "LFM", "--bpd-points", "8")
+    run("--study", "2", "--grid-power", "3", "--models", "LFM", "--bpd-points", "8")
+    study = json.loads((tmp_path / "images_quick_study.json").read_text())["raw"]
+    got = {(r["rk4 steps per block"], r["grid"]) for r in study["rows"]}
+    assert got == {(1, 1.0), (2, 1.0), (2, 3.0)} and len(study["commands"]) == 2
+    assert all(
+        math.isfinite(r["bits_per_dim"]) and r["network evaluations"] == 16 * r["rk4 steps per block"]
+        for r in study["rows"]
+    )
