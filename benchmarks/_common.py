@@ -85,6 +85,25 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def add_suite_options(p, tiny: str = "CI smoke run, seconds") -> None:
+    """``--seed --threads --tiny --out --fresh``: the options every comparison suite shares."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help=tiny)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--fresh", action="store_true", help="ignore results already written")
+
+
+def start(out: Path | None, threads: int | None) -> int:
+    """Send the results to ``out`` (created; None keeps benchmarks/results) and pin torch's threads;
+    returns the thread count."""
+    global RESULTS
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        RESULTS = out
+    return set_threads(threads)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

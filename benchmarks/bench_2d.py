@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
-from _common import metadata, set_threads, write_results  # noqa: E402
+from _common import metadata, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -97,11 +97,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--n-samples", type=int, default=10_000)
     p.add_argument("--n-check", type=int, default=5_000, help="test points of the solver check")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true", help="CI smoke run: tiny data and budgets, seconds")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--fresh", action="store_true", help="ignore results already written")
+    _common.add_suite_options(p, "CI smoke run: tiny data and budgets, seconds")
     p.add_argument("--lfm-pool", type=int, default=None, help="ablation: LFM trains on (and pushes) N points only")
     p.add_argument("--sweep-from", default=None, help="reuse the sweep of results/NAME.json (e.g. 2d)")
     a = p.parse_args()
@@ -115,17 +111,6 @@ def parse_args() -> argparse.Namespace:
     if a.lfm_pool:
         a.name += f"_lfmpool{a.lfm_pool}"
     return a
-
-
-def check_peers(a: argparse.Namespace) -> dict[str, str]:
-    """Contenders whose package is missing: an error, or (``--tiny``) skipped with the reason."""
-    missing = {n: why for n in a.contenders if (why := C.available(n))}
-    if missing and not a.tiny:
-        sys.exit("missing benchmark peers:\n" + "\n".join(f"  {n}: {why}" for n, why in missing.items()))
-    for n, why in missing.items():
-        print(f"[2d] skipping {n}: not installed ({why})", flush=True)
-    a.contenders = [n for n in a.contenders if n not in missing]
-    return missing
 
 
 def rotated(names: list[str], k: int) -> list[str]:
@@ -302,10 +287,8 @@ def plot(a, rows: dict) -> None:
 
 def main() -> None:
     a = parse_args()
-    if a.out is not None:
-        _common.RESULTS = a.out
-    threads = set_threads(a.threads)
-    missing = check_peers(a)
+    threads = _common.start(a.out, a.threads)
+    missing = C.check_peers(a, "2d")
     rows = {} if a.fresh else C.load_rows(a.name)
     if a.sweep_from:
         rows["sweep"] = C.load_rows(a.sweep_from).get("sweep", [])

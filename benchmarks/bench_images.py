@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
-from _common import ROOT, command_line, metadata, set_threads, write_results  # noqa: E402
+from _common import ROOT, command_line, metadata, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -139,13 +139,11 @@ def solver_study(args, name: str, work: Path) -> None:
     import dataclasses
     import json
 
-    RESULTS = _common.RESULTS  # noqa: N806
-
     out = f"{name}_study"
-    old = RESULTS / f"{out}.json"
+    old = _common.RESULTS / f"{out}.json"
     raw = json.loads(old.read_text())["raw"] if old.exists() else {"rows": [], "commands": []}
-    rows, commands = raw["rows"], [c for c in raw.get("commands", []) if c != command_line()] + [command_line()]
-    ds = load("digits" if args.quick else "fashion-mnist")
+    rows, commands = raw["rows"], [c for c in raw["commands"] if c != command_line()] + [command_line()]
+    ds = load(configs(args.quick)["LFM"]["data"])
     levels = ds.levels or 256
     seeds = set()
     for folder in sorted(work.glob("*_seed*")):
@@ -158,7 +156,7 @@ def solver_study(args, name: str, work: Path) -> None:
         for factor in args.study:
             solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor, grid_power=args.grid_power)
             key = (model.upper(), seed, solver.steps, args.grid_power)
-            rows = [r for r in rows if (r["model"], r["seed"], r["rk4 steps per block"], r.get("grid", 1.0)) != key]
+            rows = [r for r in rows if (r["model"], r["seed"], r["rk4 steps per block"], r["grid"]) != key]
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             s = nll_summary(flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g))
@@ -176,8 +174,6 @@ def solver_study(args, name: str, work: Path) -> None:
                 }
             )
             print(rows[-1], flush=True)
-    order = ("model", "seed", "rk4 steps per block", "grid")  # rows written before `grid` existed had equal steps
-    rows = [{**{k: r.get(k, 1.0) for k in order}, **r} for r in rows]
     rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], r["grid"], r["rk4 steps per block"]))
     path = write_results(
         out,
@@ -231,11 +227,8 @@ def main() -> None:
     args.sample_sets = args.sample_sets or (2 if q else 3)
     args.check_points = args.check_points or (10 if q else 100)
     name = args.name or ("images_quick" if q else "images")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        _common.RESULTS = args.out
+    threads = _common.start(args.out, args.threads)
     work = (args.out / "models" if args.out is not None else ROOT / "runs" / "bench_images") / name
-    threads = set_threads(args.threads)
     if args.study:
         return solver_study(args, name, work)
 

@@ -57,7 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
-from _common import metadata, set_threads, write_results  # noqa: E402
+from _common import metadata, write_results  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -133,11 +133,7 @@ def parse_args() -> argparse.Namespace:
         "--test-solver", choices=["dopri5", "own"], default="dopri5", help="solver of the ODE models' test NLL"
     )
     p.add_argument("--cache", type=Path, default=Path("runs/bench-power"), help="folder of saved models")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true", help="CI smoke run on 20k POWER points, seconds")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--fresh", action="store_true", help="ignore results already written")
+    _common.add_suite_options(p, "CI smoke run on 20k POWER points, seconds")
     a = p.parse_args()
     if a.tiny:
         a.budgets, a.sweep_budget, a.lrs, a.batches = [2.0], 0.5, [1e-3, 3e-3], [512]
@@ -483,15 +479,8 @@ class Store:
 
 def main() -> None:
     a = parse_args()
-    if a.out is not None:
-        _common.RESULTS = a.out
-    threads = set_threads(a.threads)
-    missing = {n: why for n in a.contenders if (why := C.available(n))}
-    if missing and not a.tiny:
-        sys.exit("missing benchmark peers:\n" + "\n".join(f"  {n}: {why}" for n, why in missing.items()))
-    for n, why in missing.items():
-        print(f"[power] skipping {n}: not installed ({why})", flush=True)
-    a.contenders = [n for n in a.contenders if n not in missing]
+    threads = _common.start(a.out, a.threads)
+    missing = C.check_peers(a, "power")
     if a.fresh:
         for p in (_common.RESULTS / f"{a.name}.json", _common.RESULTS / f"{a.name}.md"):
             p.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
-from _common import metadata, set_threads, write_results  # noqa: E402
+from _common import metadata, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -65,11 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-train", type=int, default=20_000)
     p.add_argument("--n-test", type=int, default=5_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tiny", action="store_true", help="CI smoke run, seconds")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--fresh", action="store_true", help="ignore results already written")
+    _common.add_suite_options(p)
     a = p.parse_args()
     if a.tiny:
         a.datasets, a.blocks, a.steps, a.steps_sweep, a.n_fixed = ["8gaussians"], [1, 2], 40, [20, 40], 2
@@ -206,9 +202,7 @@ def plot(a, rows: list[dict]) -> None:
 
 def main() -> None:
     a = parse_args()
-    if a.out is not None:
-        _common.RESULTS = a.out
-    threads = set_threads(a.threads)
+    threads = _common.start(a.out, a.threads)
     rows: list[dict] = [] if a.fresh else C.load_rows(a.name).get("runs", [])
     meta = metadata({"data": a.seed, "training": a.seed}, threads=threads)
     t_start = time.perf_counter()

@@ -169,6 +169,18 @@ def available(name: str) -> str | None:
     return None if importlib.util.find_spec(pkg) is not None else INSTALL[pkg]
 
 
+def check_peers(a, suite: str) -> dict[str, str]:
+    """Drop the contenders of ``a.contenders`` whose package is missing and return them with what to
+    install: an error for a real run, skipped with the reason under ``--tiny``."""
+    missing = {n: why for n in a.contenders if (why := available(n))}
+    if missing and not a.tiny:
+        sys.exit("missing benchmark peers:\n" + "\n".join(f"  {n}: {why}" for n, why in missing.items()))
+    for n, why in missing.items():
+        print(f"[{suite}] skipping {n}: not installed ({why})", flush=True)
+    a.contenders = [n for n in a.contenders if n not in missing]
+    return missing
+
+
 def _conditional_flow_matcher():
     """torchcfm's ``ConditionalFlowMatcher``, importable without POT (see the module docstring)."""
     if available("torchcfm"):
