@@ -15,6 +15,7 @@ import html
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -219,7 +220,7 @@ def evaluate_run(
 
             h = true_entropy(ds, n=100_000, seed=seed)
             metrics.update(true_entropy=h.value, true_entropy_se=h.stderr, gap=metrics["nll"] - h.value)
-        if ds.name == "tree":
+        if "drawing" in ds.meta:  # a drawing with forks: how many of their levels the model shows
             metrics["branching"] = tree_branching(flow, ds)
     else:
         metrics["network_evaluations_per_sample"] = flow.nfe
@@ -245,11 +246,12 @@ def evaluate_run(
 def open_log(path: Path):
     """``path`` opened for appending JSON lines; a partial last line (a run killed mid-write) is cut
     off first, so that a resumed run's lines stay one JSON object each."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+    if path.exists() and path.stat().st_size:
+        with path.open("r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # only a cut log is read whole
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
     return path.open("a")
 
 
@@ -257,9 +259,9 @@ def tree_branching(flow: LocalFlow, ds) -> dict[str, Any]:
     """How many levels of the tree's forks the learned density shows, next to the true density's
     (:func:`localfm.datasets.drawings.branching_levels`; the true one is the ceiling: the deepest
     forks of the drawing lie closer together than its one-pixel blur)."""
-    from .datasets.drawings import branching_levels, draw_tree
+    from .datasets.drawings import branching_levels
 
-    drawing, pixel = draw_tree(), ds.meta["pixel"]
+    drawing, pixel = ds.meta["drawing"], ds.meta["pixel"]
 
     def model(pts: np.ndarray) -> np.ndarray:
         return flow.log_prob(torch.from_numpy(pts).float()).double().numpy()

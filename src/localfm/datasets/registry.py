@@ -19,7 +19,7 @@ from ._base import (
     check_sizes,
     split_rng,
 )
-from .drawings import draw_rose, draw_tree
+from .drawings import TreeDrawing, draw_rose, draw_tree
 from .pixel_density import PixelMixture, read_picture
 from .userfile import SUFFIXES, load_user_file
 
@@ -61,9 +61,12 @@ def _toy(name: str, definition: str) -> _Entry:
     return _Entry(info, build, frozenset({"seed", "sizes"}))
 
 
-def _drawing(name: str, draw: Callable[[], np.ndarray], what: str) -> _Entry:
+def _drawing(name: str, draw: Callable[[], np.ndarray | TreeDrawing], what: str) -> _Entry:
+    """A drawing's density; a drawing with structure (the tree's forks) is kept in ``meta["drawing"]``."""
+
     def build(seed: int, sizes) -> Dataset:
-        ink = draw()
+        picture = draw()
+        ink = picture.ink if isinstance(picture, TreeDrawing) else picture
         density = PixelMixture(ink)
         return _density_dataset(
             name,
@@ -72,7 +75,8 @@ def _drawing(name: str, draw: Callable[[], np.ndarray], what: str) -> _Entry:
             sizes,
             f"synthetic: {what}",
             GENERATED,
-            {"ink": ink, "pixel": density.pixel, "sigma": density.sigma},
+            {"ink": ink, "pixel": density.pixel, "sigma": density.sigma}
+            | ({"drawing": picture} if isinstance(picture, TreeDrawing) else {}),
         )
 
     info = DatasetInfo(
@@ -104,7 +108,7 @@ def _maf(name: str, loader, dim: int, source: str) -> _Entry:
 def _registry() -> dict[str, _Entry]:
     entries = [_toy(n, d) for n, (_, d) in toy2d.TOYS.items()]
     entries += [
-        _drawing("tree", lambda: draw_tree().ink, "fractal tree, 10 levels (512 twigs)"),
+        _drawing("tree", draw_tree, "fractal tree, 10 levels (512 twigs)"),
         _drawing("rose", draw_rose, "rose: rhodonea petals, stem and leaves"),
         _Entry(
             DatasetInfo(
