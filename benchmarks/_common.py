@@ -78,6 +78,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, name: str) -> Path:
+    """``results/<name>.png`` (110 dpi) from a finished figure, which is then closed."""
+    path = RESULTS / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt  # a figure exists, so matplotlib does
+
+    plt.close(fig)
+    return path
+
+
 def set_threads(n: int | None) -> int:
     """Pin torch's intra-op threads (``None`` keeps torch's default); returns the count in use."""
     if n is not None:

@@ -280,9 +280,7 @@ def plot(a, rows: dict) -> None:
     ax.set_yscale("symlog", linthresh=0.05)
     ax.set_title(f"2-D densities, {a.budget:g} s per contender (dashed: 0.1 nats)")
     ax.legend(ncol=5, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_common.RESULTS / f"{a.name}.png", dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, a.name)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import _common  # first: sets OMP_WAIT_POLICY before torch loads
 import numpy as np
 import torch
-from _common import RESULTS, ROOT, command_line, metadata, set_threads, write_results
+from _common import RESULTS, ROOT, command_line, metadata, save_figure, set_threads, write_results
 
 from localfm.distill import DistillConfig
 from localfm.policy import Demonstrations, PolicyConfig, distill_policy, load_policy, train_policy
@@ -334,9 +334,7 @@ def plot(points: dict[str, dict], a) -> None:
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("demonstrations per task")
     fig.supylabel("success rate (95% Wilson interval)")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{a.name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, a.name)
 
 
 def policy_dir(key: str) -> Path:

@@ -444,9 +444,7 @@ def plot(a, rows: dict) -> None:
     ax.set_ylabel("test NLL on a fixed 20k subset (nats)")
     ax.set_title("POWER learning curves (each model's own solver; stars: dopri5 test NLL)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_common.RESULTS / f"{a.name}.png", dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, a.name)
 
 
 class Store:

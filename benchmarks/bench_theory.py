@@ -195,9 +195,7 @@ def plot(a, rows: list[dict]) -> None:
     ax2.set_title("per-block training length")
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(_common.RESULTS / f"{a.name}.png", dpi=110)
-    plt.close(fig)
+    _common.save_figure(fig, a.name)
 
 
 def main() -> None:
