@@ -81,12 +81,12 @@ class TreeDrawing:
     forks: np.ndarray  # (2^(levels-1) - 1, 2, 2, 2): per fork, its two children's (start, end), pixels (x, y)
     fork_levels: np.ndarray  # (2^(levels-1) - 1,) the children's level (1 = the trunk's fork)
 
-    def fork_probes(self, fraction: float = 0.75) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def fork_probes(self, fraction: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
         """Points to tell whether a picture of the tree shows a fork: a point ``fraction`` of the way
         along each child, ``on`` (F, 2, 2), and the midpoint between the two, ``gap`` (F, 2), where
-        the wedge between sibling branches is empty; with ``fork_levels``. Pixels (x, y)."""
+        the wedge between sibling branches is empty. Pixels (x, y), in the order of ``forks``."""
         on = self.forks[:, :, 0] + fraction * (self.forks[:, :, 1] - self.forks[:, :, 0])
-        return on, on.mean(axis=1), self.fork_levels
+        return on, on.mean(axis=1)
 
 
 @lru_cache(maxsize=4)
@@ -134,9 +134,9 @@ def draw_tree(size: int = 256, levels: int = 10) -> TreeDrawing:
         canvas.stroke(to_px(p), to_px(q), radii[lev], radii[lev + 1])
         if lev == levels - 1:
             tips.append(to_px(q))
-    ends = np.array([[to_px(p), to_px(q)] for p, q, _ in segments])
+    segments_px = np.array([[to_px(p), to_px(q)] for p, q, _ in segments])
     fork_levels = np.array([segments[a][2] for a, _ in forks])
-    return TreeDrawing(canvas.ink, np.array(tips), levels, radii[:levels], ends[np.array(forks)], fork_levels)
+    return TreeDrawing(canvas.ink, np.array(tips), levels, radii[:levels], segments_px[np.array(forks)], fork_levels)
 
 
 #: a fork counts as drawn when the density on its two branches is at least twice that between them
@@ -153,7 +153,8 @@ def branching_levels(log_density, drawing: TreeDrawing, pixel: float, fraction: 
     forks of level ``l``; ``levels`` counts the levels, from the trunk's fork outwards, whose
     median contrast is at least ``FORK_CONTRAST`` (the branches at least twice as dense as the gap).
     """
-    on, gap, level = drawing.fork_probes(fraction)
+    on, gap = drawing.fork_probes(fraction)
+    level = drawing.fork_levels
     h, w = drawing.ink.shape
 
     def to_data(px: np.ndarray) -> np.ndarray:
