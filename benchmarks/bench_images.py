@@ -18,6 +18,7 @@ seeds. Runs alternate LFM / FM so both see the same background load.
     python benchmarks/bench_images.py --quick                # CI smoke run on 8x8 digits, < 90 s
     python benchmarks/bench_images.py                        # Fashion-MNIST, 3 seeds x 2 x 1 h
     python benchmarks/bench_images.py --budget 600 --seeds 0 --name images_short  # a shorter run
+    python benchmarks/bench_images.py --models LFM --name images_lfm  # one model only
     python benchmarks/bench_images.py --study 1 2 4 --bpd-points 100  # re-score the saved models: bits/dim vs ODE steps
 """
 
@@ -110,6 +111,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for name in ("LFM", "FM"):
         rs = [r for r in rows if r["model"] == name]
+        if not rs:
+            continue
 
         def ms(key: str, rs=rs) -> str:
             v = [r[key] for r in rs]
@@ -213,7 +216,9 @@ def main() -> None:
         default=None,
         help="re-score the saved models of --name at these multiples of their solver steps (no training)",
     )
-    parser.add_argument("--models", nargs="+", default=["LFM", "FM"], help="with --study: which models")
+    parser.add_argument(
+        "--models", nargs="+", default=["LFM", "FM"], help="which models to train (or, with --study, to re-score)"
+    )
     parser.add_argument("--grid-power", type=float, default=1.0, help="with --study: solver.grid_power")
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder, models in OUT/models (default benchmarks/results)"
@@ -254,6 +259,8 @@ def main() -> None:
     rows, grids = [], {"test images": ds.test[:64]}
     for seed in args.seeds:
         for model, cfg in cfgs.items():  # alternate, so both models see the same background load
+            if model not in args.models:
+                continue
             x = torch.from_numpy(ds.train[: cfg.get("data_limit")])
             t0, c0 = time.perf_counter(), time.process_time()
             flow = localfm.fit(x, cfg, time_budget=args.budget, seed=seed)
