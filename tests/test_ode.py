@@ -213,6 +213,9 @@ def test_integrate_rejects_bad_arguments():
         ({"atol": -1e-3}, "solver.atol"),
         ({"method": "rk4", "grid_power": 0.5}, "solver.grid_power"),
         ({"method": "rk4", "grid_power": float("nan")}, "solver.grid_power"),
+        ({"method": "rk4", "grid_power": []}, "solver.grid_power"),
+        ({"method": "rk4", "grid_power": [3, 0.5]}, "solver.grid_power"),
+        ({"method": "rk4", "grid_power": True}, "solver.grid_power"),
     ],
 )
 def test_solver_config_rejects_bad_settings(kwargs, match):

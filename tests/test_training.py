@@ -173,7 +173,9 @@ def test_training_a_later_block_leaves_earlier_blocks_unchanged():
     assert not torch.equal(two[1].net.layers[0].weight, two[0].net.layers[0].weight)
 
 
-def test_each_block_trains_on_the_pool_pushed_through_the_previous_blocks(monkeypatch):
+@pytest.mark.parametrize("grid_power", [1.0, [3.0, 1.0]])
+def test_each_block_trains_on_the_pool_pushed_through_the_previous_blocks(monkeypatch, tmp_path, grid_power):
+    """With per-block grids each push uses its own block's solver (a wrong grid moves the pool by ~1e-4)."""
     pools = []
     orig = training.train_block
 
@@ -183,14 +185,17 @@ def test_each_block_trains_on_the_pool_pushed_through_the_previous_blocks(monkey
 
     monkeypatch.setattr(training, "train_block", spy)
     x = data()
-    flow = localfm.fit(x, tiny_config(blocks={"h": [0.2, 0.3], "free_block": True}))
+    solver = {"method": "rk4", "steps": 2, "grid_power": grid_power}
+    flow = localfm.fit(x, tiny_config(blocks={"h": [0.2, 0.3], "free_block": True}, solver=solver))
     assert len(pools) == 3
     assert torch.equal(pools[0], flow.standardizer(x))
     for n in (1, 2):
-        pushed = flow[n - 1].forward(pools[n - 1], solver=flow.solver).x
+        pushed = flow[n - 1].forward(pools[n - 1], solver=flow.solver.for_block(n - 1)).x
         torch.testing.assert_close(pools[n], pushed, rtol=0, atol=1e-12)
     assert [e["block"] for e in flow.training_log] == [0, 1, 2]
     assert [e["h"] for e in flow.training_log] == [0.2, 0.3, None]
+    flow.save(tmp_path / "run")  # the per-block grid survives a checkpoint
+    assert localfm.load(tmp_path / "run").solver == flow.solver
 
 
 # --- seeding ------------------------------------------------------------------------------------

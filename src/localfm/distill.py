@@ -330,12 +330,12 @@ def _decode_path(
     def ctx(i: int) -> Tensor | None:
         return None if context is None else context[i : i + batch_size]
 
-    for block in reversed(flow.blocks):
-        x = path[-1]
+    for index in reversed(range(len(flow))):
+        x, block, block_solver = path[-1], flow.blocks[index], solver.for_block(index)
         path.append(
             torch.cat(
                 [
-                    block.inverse(x[i : i + batch_size], solver=solver, context=ctx(i)).x
+                    block.inverse(x[i : i + batch_size], solver=block_solver, context=ctx(i)).x
                     for i in range(0, len(x), batch_size)
                 ]
             )
@@ -399,7 +399,7 @@ def teacher_pairs(
                     def report(done: int, total: int, n: int = n) -> None:
                         callback(Progress("push", n, N, done, total))
 
-                data.append(push(block, data[-1], flow.solver, batch, report, contexts.get("data")))
+                data.append(push(block, data[-1], flow.solver.for_block(n), batch, report, contexts.get("data")))
         else:
             raise ValueError(
                 f"distill needs x_train= or pools= for the data-side pairs (distill.generation_fraction is "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -238,9 +238,13 @@ class LocalFlow(nn.Module):
         A slice starting after block 0 has no standardisation: it acts on standardised points.
         """
         if isinstance(index, slice):
-            start = index.indices(len(self))[0]
+            start, stop, stride = index.indices(len(self))
             std = self.standardizer if start == 0 else None
-            return LocalFlow(self.event_shape, list(self.blocks)[index], std, self.solver, self.config)
+            solver = self.solver
+            if isinstance(solver.grid_power, tuple):  # each block keeps its own grid
+                powers = tuple(solver.for_block(i).grid_power for i in range(start, stop, stride))
+                solver = replace(solver, grid_power=powers or solver.grid_power)
+            return LocalFlow(self.event_shape, list(self.blocks)[index], std, solver, self.config)
         return self.blocks[index]
 
     def append(self, block: Block) -> None:
@@ -303,10 +307,12 @@ class LocalFlow(nn.Module):
             probe = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
         delta = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         nfe, path = [], [x] if return_path else None
-        order = reversed(self.blocks) if inverse else self.blocks
-        for block in order:
+        order = list(enumerate(self.blocks))
+        for index, block in reversed(order) if inverse else order:
             step = block.inverse if inverse else block.forward
-            sol = step(x, solver=solver, divergence=div, probe=probe, context=context, guidance=guidance)
+            sol = step(
+                x, solver=solver.for_block(index), divergence=div, probe=probe, context=context, guidance=guidance
+            )
             x = sol.x
             if sol.delta is not None:
                 delta = delta + sol.delta

@@ -327,6 +327,8 @@ def solver_check(
 def _solver_name(s) -> str:
     if s.adaptive:
         return f"{s.method} rtol {s.rtol:g} atol {s.atol:g}"
+    if isinstance(s.grid_power, tuple):
+        return f"{s.method} x{s.steps} on t^p grids, p = {', '.join(f'{p:g}' for p in s.grid_power)} by block"
     return f"{s.method} x{s.steps}" + (f" on a t^{s.grid_power:g} grid" if s.grid_power != 1 else "")
 
 

@@ -404,7 +404,7 @@ class TimeBudget:
 
 
 def _estimate_push(
-    block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig, context: Tensor | None = None
+    block_net: nn.Module, h: float | None, pool: Tensor, cfg: FlowConfig, n: int, context: Tensor | None = None
 ) -> float:
     """Seconds to push the pool, from a timed push of a small slice (networks at init are close).
 
@@ -415,7 +415,7 @@ def _estimate_push(
     push(
         Block(block_net, h),
         pool[:m],
-        cfg.solver,
+        cfg.solver.for_block(n),
         cfg.train.push_batch_size,
         context=None if context is None else context[:m],
     )
@@ -641,7 +641,7 @@ def fit(
         last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
         if time_budget and not last and push_s is None:  # later blocks use the last push measured
             pushed = len(keep) if keep is not None and n == 0 else pool.shape[0]
-            push_s = _estimate_push(state.net, hs[n], pool, cfg, c) * pushed / pool.shape[0]
+            push_s = _estimate_push(state.net, hs[n], pool, cfg, n, c) * pushed / pool.shape[0]
         deadline = budget.deadline(n, push_s if time_budget and not last else 0.0)
         try:
             train_block(
@@ -652,7 +652,9 @@ def fit(
             if not last:
                 if n == 0 and keep is not None:  # from here on the pool is the chosen subset
                     pool, c = pool[keep], (None if c is None else c[keep])
-                pool = push(flow.blocks[n], pool, cfg.solver, cfg.train.push_batch_size, hooks.push_progress, c)
+                pool = push(
+                    flow.blocks[n], pool, cfg.solver.for_block(n), cfg.train.push_batch_size, hooks.push_progress, c
+                )
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
         record = hooks.record(hs[n], state, time.perf_counter() - t0)
