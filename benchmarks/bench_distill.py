@@ -1,26 +1,28 @@
 """Distillation (issue 6): sample quality against network evaluations, and sampling speed.
 
-Two teachers are trained by ``localfm.fit`` on the same data, with the same network and the same
-total number of optimiser steps: the LFM chain and the global FM baseline (the same code with
-``L = 0``, one block). ``localfm.distill`` then makes students: LFM with k = 1, 2 steps per block,
-LFM with merged blocks, and FM with k = 1, 2, 4, 8 steps. Every distilled model gets the same
-total number of optimiser steps (split among its students) and its teacher's pairs (the pushed
-training data and teacher decodes of fresh noise, made once per teacher).
+Two teachers are trained by ``localfm.fit`` on the same data with the same wall-clock budget
+(pushforward included) and the same total parameter count: the LFM chain and the global FM baseline
+(the same code with one block, its network widened). ``localfm.distill`` then makes students: LFM
+with k = 1, 2 steps per block, LFM with merged blocks, and FM with k = 1, 2, 4, 8 steps. Every
+student trains the same number of optimiser steps (an LFM student is one block's network, a share
+of the FM network's size) on its teacher's pairs (the pushed training data and dopri5 decodes of
+fresh noise, made once per teacher).
 
 Quality: energy distance and Gaussian MMD (the U-statistics of ``localfm.metrics``; computed here
 with the test set's own terms cached, checked equal to ``localfm.metrics`` on the first model)
 between ``n`` samples and ``n`` test points, mean and standard deviation over seeds. Speed:
 samples/s of the teacher (dopri5) and the students at the same batch, timed alternately in one run.
 
-    python benchmarks/bench_distill.py                 # tree density, about 15 minutes on 2 cores
-    python benchmarks/bench_distill.py --data power    # POWER (d = 6), CPU-sized teachers
-    python benchmarks/bench_distill.py --quick         # CI smoke run, under a minute
+    python benchmarks/bench_distill.py                 # tree density (the demo's LFM), ~30 minutes
+    python benchmarks/bench_distill.py --data power    # POWER (d = 6), configs/power_cpu.yaml
+    python benchmarks/bench_distill.py --quick --out DIR  # CI smoke run, under a minute
     python benchmarks/bench_distill.py --cache DIR     # keep trained teachers in DIR between runs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -32,10 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
-from _common import RESULTS, interleaved, median, metadata, set_threads, write_results  # noqa: E402, I001
+import _common  # noqa: E402, I001
+from _common import ROOT, interleaved, median, metadata, write_results  # noqa: E402
+from contenders import matched_width  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import localfm  # noqa: E402
 from localfm import datasets, metrics  # noqa: E402
@@ -46,18 +51,27 @@ from localfm.ode import SolverConfig  # noqa: E402
 # settings
 
 
+TEACHER_SOLVER = SolverConfig("dopri5", rtol=1e-5, atol=1e-5)  # the issue's teacher; also the pairs' decodes
+BIG = 10_000_000  # optimiser steps that do not bind: the time budget decides
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One benchmark setting: data, teachers, distillation budget, evaluation size."""
+    """One benchmark setting: data, teachers, distillation budget, evaluation size.
+
+    The teachers: ``lfm`` (a flow config) and its global-FM twin (one block, the MLP width that
+    gives the same total parameter count), each trained by ``localfm.fit`` for ``budget`` seconds of
+    wall-clock, pushforward included. Every student trains ``student_steps`` optimiser steps: the
+    LFM chain has one student per block, each with a block's share of the parameters, so its
+    students together cost about what one FM student does.
+    """
 
     data: str
     n_train: int | None  # training points given to fit (None: the whole train split)
-    net: dict
-    lfm_blocks: dict
-    steps_per_block: int
-    batch_size: int
-    lr: float
-    distill_steps: int  # optimiser steps per distilled model, split among its students
+    lfm: dict
+    budget: float
+    student_steps: int
+    distill_batch: int
     distill_lr: float
     data_pairs: int
     generation_pairs: int
@@ -69,31 +83,40 @@ class Setting:
     speed_rounds: int
 
     def flow_config(self, fm: bool) -> dict:
-        n_lfm = self.lfm_blocks.get("L", len(self.lfm_blocks.get("h", ()))) + 1
-        blocks = {"L": 0, "schedule": "geometric"} if fm else self.lfm_blocks
-        steps = self.steps_per_block * (n_lfm if fm else 1)  # equal total optimiser steps
-        train = {
-            "steps": steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "lr_schedule": "cosine",
-            "log_every": 500,
-        }
-        return {"data": self.data, "net": self.net, "blocks": blocks, "train": train}
+        cfg = copy.deepcopy(self.lfm)
+        cfg["data"] = self.data
+        cfg["train"]["steps"] = BIG
+        if fm:
+            cfg["net"]["width"] = matched_width(self.dim, self.lfm["net"], self.n_lfm_blocks)
+            cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
+            cfg["train"].pop("push_points", None)
+        return cfg
+
+    @property
+    def n_lfm_blocks(self) -> int:
+        return len(localfm.load_config({"blocks": self.lfm["blocks"]}).blocks.steps())
+
+    @property
+    def dim(self) -> int:
+        return datasets.load(self.data).train.shape[1]
+
+
+def _config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 SETTINGS = {
-    "tree": Setting(
+    # The demo's LFM (src/localfm/demo.yaml: 9 blocks of 96x3 MLPs with Fourier features) and its
+    # FM twin, 120 s each, as `localfm demo` trains it.
+    "tree": lambda: Setting(
         data="tree",
-        n_train=50_000,
-        net={"width": 64, "depth": 3, "activation": "softplus", "beta": 20.0},
-        lfm_blocks={"schedule": "geometric", "c": 0.025, "rho": 1.25, "L": 8},
-        steps_per_block=1500,
-        batch_size=1024,
-        lr=2e-3,
-        distill_steps=3000,
+        n_train=None,
+        lfm=_config(ROOT / "src" / "localfm" / "demo.yaml"),
+        budget=120.0,
+        student_steps=3000,
+        distill_batch=1024,
         distill_lr=1e-3,
-        data_pairs=20_000,
+        data_pairs=25_000,
         generation_pairs=30_000,
         n_eval=10_000,
         seeds=(0, 1, 2, 3, 4),
@@ -102,15 +125,14 @@ SETTINGS = {
         fm_students=(1, 2, 4, 8),
         speed_rounds=3,
     ),
-    "power": Setting(
+    # configs/power_cpu.yaml (4 blocks of 128x3 MLPs) and its FM twin, 5 minutes each.
+    "power": lambda: Setting(
         data="power",
         n_train=100_000,
-        net={"width": 128, "depth": 4, "activation": "relu"},
-        lfm_blocks={"schedule": "list", "h": [0.15, 0.195, 0.2535]},
-        steps_per_block=2000,
-        batch_size=1024,
-        lr=2e-3,
-        distill_steps=2000,
+        lfm=_config(ROOT / "configs" / "power_cpu.yaml"),
+        budget=300.0,
+        student_steps=2000,
+        distill_batch=1024,
         distill_lr=1e-3,
         data_pairs=20_000,
         generation_pairs=30_000,
@@ -121,15 +143,18 @@ SETTINGS = {
         fm_students=(1, 2, 4),
         speed_rounds=3,
     ),
-    "quick": Setting(
+    "quick": lambda: Setting(
         data="tree",
         n_train=5_000,
-        net={"width": 32, "depth": 2, "activation": "softplus", "beta": 20.0},
-        lfm_blocks={"schedule": "geometric", "c": 0.1, "rho": 1.5, "L": 2},
-        steps_per_block=150,
-        batch_size=512,
-        lr=3e-3,
-        distill_steps=150,
+        lfm={
+            "net": {"width": 32, "depth": 2, "activation": "softplus", "beta": 20.0},
+            "blocks": {"schedule": "geometric", "c": 0.1, "rho": 1.5, "L": 2},
+            "train": {"batch_size": 512, "lr": 3e-3, "lr_schedule": "cosine", "log_every": 50},
+            "solver": {"method": "rk4", "steps": 4},
+        },
+        budget=6.0,
+        student_steps=50,
+        distill_batch=512,
         distill_lr=1e-3,
         data_pairs=2_000,
         generation_pairs=2_000,
@@ -208,13 +233,13 @@ def load_data(s: Setting) -> tuple[torch.Tensor, torch.Tensor, object]:
 
 def train_teacher(s: Setting, x: torch.Tensor, fm: bool, cache: Path | None) -> tuple[localfm.LocalFlow, float]:
     cfg = s.flow_config(fm)
-    key = hashlib.sha256(json.dumps([cfg, s.n_train], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([cfg, s.n_train, s.budget], sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{s.data}-{'fm' if fm else 'lfm'}-{key}" if cache is not None else None
     if path is not None and path.is_dir():
         flow = localfm.load(path)
         return flow, sum(e["train_seconds"] + e["push_seconds"] for e in flow.training_log)
     t0 = time.perf_counter()
-    flow = localfm.fit(x, cfg, seed=0)
+    flow = localfm.fit(x, cfg, time_budget=s.budget, seed=0)
     seconds = time.perf_counter() - t0
     if path is not None:
         flow.save(path)
@@ -278,23 +303,23 @@ def teacher_nfe(flow: localfm.LocalFlow, solver: SolverConfig, n: int) -> float:
     return float(sum(out.nfe))
 
 
-def distil_config(s: Setting, n_blocks: int, k: int, m: int, **changes) -> DistillConfig:
-    """The benchmark's distillation settings: ``s.distill_steps`` optimiser steps in all, split among the students."""
-    n_students = math.ceil(n_blocks / m)
+def distil_config(s: Setting, k: int, m: int, **changes) -> DistillConfig:
+    """The benchmark's distillation settings: ``s.student_steps`` optimiser steps for every student."""
     return DistillConfig(
         steps_per_block=k,
         group_size=m,
-        train_steps=max(1, s.distill_steps // n_students),
-        batch_size=s.batch_size,
+        train_steps=s.student_steps,
+        batch_size=s.distill_batch,
         lr=s.distill_lr,
         data_pairs=s.data_pairs,
         generation_pairs=s.generation_pairs,
+        solver=TEACHER_SOLVER,
     ).replace(**changes)
 
 
 def distil_all(flow, pairs, specs, s: Setting, label: str, rows: list, ref, check, models: dict, log: dict) -> None:
     for k, m in specs:
-        cfg = distil_config(s, len(flow), k, m)
+        cfg = distil_config(s, k, m)
         t0 = time.perf_counter()
         model = distill(flow, cfg, pairs=pairs, generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
@@ -387,7 +412,7 @@ ABLATIONS = (
     ("LFM k=1, init teacher (its Euler step)", "LFM", {"init": "teacher"}),
     ("LFM k=1, init fresh network", "LFM", {"init": "fresh"}),
     ("LFM k=1, generation-side pairs only", "LFM", {"generation_fraction": 1.0}),
-    ("LFM k=1, N times the budget (the FM student's steps per student)", "LFM", {"scale_steps": "blocks"}),
+    ("LFM k=1, 1/N of the steps per student (N students: the FM student's steps in all)", "LFM", {"split": True}),
     ("FM k=1, defaults", "FM", {}),
     ("FM k=1, init teacher (its Euler step)", "FM", {"init": "teacher"}),
 )
@@ -402,7 +427,7 @@ def ablate(s: Setting, args, threads: int) -> None:
     pairs = {
         label: teacher_pairs(
             flow,
-            DistillConfig(data_pairs=s.data_pairs, generation_pairs=s.generation_pairs),
+            DistillConfig(data_pairs=s.data_pairs, generation_pairs=s.generation_pairs, solver=TEACHER_SOLVER),
             x_train=x,
             generator=torch.Generator().manual_seed(0),
         )
@@ -413,16 +438,22 @@ def ablate(s: Setting, args, threads: int) -> None:
     teacher_rows = {}
     for label, flow in teachers.items():
         row = evaluate(
-            f"{label} teacher dopri5", lambda n, g, f=flow: f.sample(n, generator=g), math.nan, s, ref, check
+            f"{label} teacher dopri5",
+            lambda n, g, f=flow: f.sample(n, generator=g, solver=TEACHER_SOLVER),
+            math.nan,
+            s,
+            ref,
+            check,
         )
         teacher_rows[label] = row
         rows.append(row | dict.fromkeys(extra, ""))
     for name, label, changes in ABLATIONS:
         flow, changes = teachers[label], dict(changes)
         m = min(changes.pop("group_size", 1), len(flow))
-        cfg = distil_config(s, len(flow), 1, m)
-        scale = len(flow) if changes.pop("scale_steps", None) == "blocks" else 1
-        cfg = cfg.replace(train_steps=cfg.train_steps * scale, **changes)
+        cfg = distil_config(s, 1, m)
+        n_students = math.ceil(len(flow) / m)
+        steps = max(1, s.student_steps // n_students) if changes.pop("split", False) else s.student_steps
+        cfg = cfg.replace(train_steps=steps, **changes)
         t0 = time.perf_counter()
         model = distill(flow, cfg, pairs=pairs[label], generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
@@ -483,9 +514,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep trained teachers in between runs")
     parser.add_argument("--ablate", action="store_true", help="ablations of the LFM k=1 student (own results file)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
-    s = SETTINGS["quick" if args.quick else args.data]
-    threads = set_threads(args.threads)
+    s = SETTINGS["quick" if args.quick else args.data]()
+    threads = _common.start(args.out, args.threads)
     if args.ablate:
         return ablate(s, args, threads)
     t_start = time.perf_counter()
@@ -507,14 +539,21 @@ def main() -> None:
 
     for label, fm in (("LFM", False), ("FM", True)):
         flow, fit_s = train_teacher(s, x, fm, args.cache)
-        log["teachers"][label] = {"config": s.flow_config(fm), "blocks": len(flow), "fit_s": fit_s}
-        print(f"{label} teacher: {len(flow)} blocks, fit {fit_s:.0f} s", flush=True)
+        params = sum(p.numel() for p in flow.parameters())
+        steps = [e["steps"] for e in flow.training_log]
+        log["teachers"][label] = {
+            "config": s.flow_config(fm),
+            "blocks": len(flow),
+            "parameters": params,
+            "steps": steps,
+            "fit_s": fit_s,
+        }
+        print(f"{label} teacher: {len(flow)} blocks, {params} parameters, {steps} steps, fit {fit_s:.0f} s", flush=True)
         models[f"{label} teacher"] = flow
-        dopri = flow.solver
-        nfe = teacher_nfe(flow, dopri, s.n_eval)
+        nfe = teacher_nfe(flow, TEACHER_SOLVER, s.n_eval)
         row = evaluate(
-            f"{label} teacher dopri5 tol {dopri.rtol:g}",
-            lambda n, g, f=flow: f.sample(n, generator=g),
+            f"{label} teacher dopri5 tol {TEACHER_SOLVER.rtol:g}",
+            lambda n, g, f=flow: f.sample(n, generator=g, solver=TEACHER_SOLVER),
             nfe,
             s,
             ref,
@@ -533,7 +572,7 @@ def main() -> None:
             )
             rows.append(row | {"kind": f"{label} teacher rk4"})
         t0 = time.perf_counter()
-        pair_cfg = DistillConfig(data_pairs=s.data_pairs, generation_pairs=s.generation_pairs)
+        pair_cfg = DistillConfig(data_pairs=s.data_pairs, generation_pairs=s.generation_pairs, solver=TEACHER_SOLVER)
         pairs = teacher_pairs(flow, pair_cfg, x_train=x, generator=torch.Generator().manual_seed(0))
         log["teachers"][label]["pairs_s"] = time.perf_counter() - t0
         specs = s.lfm_students if not fm else tuple((k, 1) for k in s.fm_students)
@@ -547,7 +586,7 @@ def main() -> None:
     fm1 = next(n for n in models if n.startswith("FM student k=1"))
     fns = {
         "LFM teacher dopri5": lambda: models["LFM teacher"].sample(
-            s.n_eval, generator=torch.Generator().manual_seed(5)
+            s.n_eval, generator=torch.Generator().manual_seed(5), solver=TEACHER_SOLVER
         ),
         lfm1: lambda: models[lfm1].sample(s.n_eval, generator=torch.Generator().manual_seed(5)),
         fm1: lambda: models[fm1].sample(s.n_eval, generator=torch.Generator().manual_seed(5)),
@@ -630,23 +669,30 @@ def main() -> None:
     total = time.perf_counter() - t_start
     name = "distill_quick" if args.quick else f"distill_{s.data}"
     table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    t = log["teachers"]
+    lfm_t, fm_t = t["LFM"], t["FM"]
     notes = (
         f"Total run time {total:.0f} s ({time.process_time() - cpu_start:.0f} s of CPU time; teachers from "
-        f"the cache are not retrained). Teachers: {s.data} data, {x.shape[0]} training points; LFM "
-        f"{log['teachers']['LFM']['blocks']} blocks x {s.steps_per_block} steps, FM one block with the same total "
-        f"steps; network {s.net}. Each distilled model: {s.distill_steps} optimiser steps in all (split among its "
-        f"students), batch {s.batch_size}, lr {s.distill_lr}, pairs from {s.data_pairs} pushed training points and "
-        f"{s.generation_pairs} teacher decodes of fresh noise (half of each minibatch each). Metrics: {s.n_eval} "
-        f"samples against {s.n_eval} test points, mean and standard deviation over seeds {list(s.seeds)}; `nfe` "
-        "is network evaluations per sample (dopri5: measured on one batch). The machine is shared with other jobs: "
+        f"the cache are not retrained). Teachers, trained by `localfm.fit` on {x.shape[0]} {s.data} "
+        f"training points with the same wall-clock budget, {s.budget:g} s each (pushforward included): "
+        f"LFM, {lfm_t['blocks']} blocks, {lfm_t['parameters']:,} parameters, {sum(lfm_t['steps']):,} "
+        f"optimiser steps in all ({lfm_t['fit_s']:.0f} s); global FM (the same code with one block, its "
+        f"network widened to the same parameter count), {fm_t['parameters']:,} parameters, "
+        f"{sum(fm_t['steps']):,} steps ({fm_t['fit_s']:.0f} s). LFM network: {s.lfm['net']}. Every "
+        f"student: {s.student_steps} optimiser steps, batch {s.distill_batch}, lr {s.distill_lr} (an LFM "
+        "student is one block's network, so the LFM chain's students cost about what one FM student "
+        f"does), pairs from {s.data_pairs} pushed training points and {s.generation_pairs} teacher decodes "
+        f"(dopri5, 1e-5) of fresh noise, half of each minibatch each. Metrics: {s.n_eval} samples against "
+        f"{s.n_eval} test points, mean and standard deviation over seeds {list(s.seeds)}; `nfe` is network "
+        "evaluations per sample (dopri5: measured on one batch). The machine is shared with other jobs: "
         "speed ratios come from variants timed alternately (medians)."
     )
     meta = metadata({"teacher fit": 0, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
-    png = RESULTS / f"{name}.png"
+    png = _common.RESULTS / f"{name}.png"
     n_plot, g_plot = 10_000 if not args.quick else 2000, 3
     samples = {"test data": x_test[:n_plot].numpy()}
     samples["LFM teacher (dopri5)"] = models["LFM teacher"].sample(
-        n_plot, generator=torch.Generator().manual_seed(g_plot)
+        n_plot, generator=torch.Generator().manual_seed(g_plot), solver=TEACHER_SOLVER
     )
     for n in (lfm1, fm1):
         samples[f"{n} ({models[n].nfe} NFE)"] = models[n].sample(

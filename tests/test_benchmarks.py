@@ -162,3 +162,31 @@ def test_bench_images_quick_then_its_solver_study(tmp_path):
         math.isfinite(r["bits_per_dim"]) and r["network evaluations"] == 16 * r["rk4 steps per block"]
         for r in study["rows"]
     )
+
+
+def test_bench_distill_quick(tmp_path):
+    """Distillation's comparison at CI scale: teachers of equal size from equal budgets, every
+    student scored at its own network evaluations, the speed ratio and the figures written."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_distill.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "distill_quick.json").read_text())
+    teachers = payload["raw"]["log"]["teachers"]
+    lfm, fm = teachers["LFM"], teachers["FM"]
+    assert lfm["blocks"] == 3 and fm["blocks"] == 1
+    assert abs(lfm["parameters"] - fm["parameters"]) < 0.02 * fm["parameters"]  # equal model size
+    assert abs(lfm["fit_s"] - fm["fit_s"]) < 0.5 * fm["fit_s"]  # equal budgets (6 s each)
+    rows = {r["model"]: r for r in payload["sections"]["Quality vs network evaluations"]}
+    assert rows["LFM student k=1"]["nfe"] == 3 and rows["LFM student k=1, 3 blocks merged"]["nfe"] == 1
+    assert rows["FM student k=1"]["nfe"] == 1 and rows["FM student k=3"]["nfe"] == 3
+    assert all(math.isfinite(r["energy_distance"]) and math.isfinite(r["mmd_fine"]) for r in rows.values())
+    speed = {r["model"]: r for r in payload["sections"]["Sampling speed"]}
+    assert speed["LFM student k=1"]["speed-up vs teacher (wall)"] > 1  # 3 evaluations against dopri5's ~100
+    targets = [f["target"] for f in payload["sections"]["Figures"]]
+    assert targets.count("<= 1.5") == 1 and targets.count(">= 20") == 1 and targets.count("LFM lower ED") == 2
+    assert (tmp_path / "distill_quick.png").stat().st_size > 0
