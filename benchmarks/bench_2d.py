@@ -41,6 +41,7 @@ import _common  # noqa: E402, I001
 from _common import metadata, write_results  # noqa: E402
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import contenders as C  # noqa: E402
 from localfm import datasets  # noqa: E402
@@ -67,6 +68,17 @@ SUITE = C.Suite(
     maf={"transforms": 5, "hidden_features": [80, 80]},
 )
 
+# `--lfm-recipe demo`: the LFM of `localfm demo` (src/localfm/demo.yaml: 8 OU blocks + the free
+# block, 96x3 MLPs on random Fourier features of x, budget shares weighted to the data side, a
+# 25,000-point pool, rk4 x8 per block) with its FM twin (same features, one wider MLP).
+DEMO = yaml.safe_load((_common.ROOT / "src" / "localfm" / "demo.yaml").read_text())
+DEMO_LFM = {
+    "net": DEMO["net"],
+    "blocks": DEMO["blocks"],
+    "solver": DEMO["solver"],
+    "train": {k: DEMO["train"][k] for k in ("steps", "warmup", "push_points")},
+}
+
 S_TABLE = "Gap to the true entropy per dataset (paired gap, nats; lower is better)"
 S_CHECKS = "The issue's figures"
 S_ROWS = "All runs (best setting of each contender)"
@@ -80,7 +92,7 @@ NOTES = {
     "of training (pushforward included, `push_s`); `nfe/sample`: network evaluations per sample (ODE "
     "models: over all blocks, dopri5; zuko: hyper-network passes); `ED`: energy distance of 10k samples "
     "to 10k test points (data units); `solver_diff`: on the first 5k test points, the NLL with the model's own "
-    "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with rk4, 4 steps per block).",
+    "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with its own fixed-step rk4).",
     S_SWEEP: "Every contender gets the same grid; the setting with the lowest mean validation NLL over the "
     "sweep datasets is used everywhere (`best`).",
 }
@@ -99,6 +111,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-check", type=int, default=5_000, help="test points of the solver check")
     _common.add_suite_options(p, "CI smoke run: tiny data and budgets, seconds")
     p.add_argument("--lfm-pool", type=int, default=None, help="ablation: LFM trains on (and pushes) N points only")
+    p.add_argument(
+        "--lfm-recipe",
+        choices=("plain", "demo"),
+        default="plain",
+        help="LFM's recipe: plain MLP blocks (default) or the demo's (Fourier features, 9 blocks); FM is its twin",
+    )
     p.add_argument("--sweep-from", default=None, help="reuse the sweep of results/NAME.json (e.g. 2d)")
     a = p.parse_args()
     if a.tiny:
@@ -110,6 +128,8 @@ def parse_args() -> argparse.Namespace:
     a.name = "2d_tiny" if a.tiny else "2d" + ("" if a.budget == 40.0 else f"_{a.budget:g}s")
     if a.lfm_pool:
         a.name += f"_lfmpool{a.lfm_pool}"
+    if a.lfm_recipe != "plain":
+        a.name += f"_{a.lfm_recipe}"
     return a
 
 
@@ -290,9 +310,11 @@ def main() -> None:
     rows = {} if a.fresh else C.load_rows(a.name)
     if a.sweep_from:
         rows["sweep"] = C.load_rows(a.sweep_from).get("sweep", [])
+    global SUITE
     if a.lfm_pool:
-        global SUITE
         SUITE = dataclasses.replace(SUITE, lfm_pool=a.lfm_pool)
+    if a.lfm_recipe == "demo":
+        SUITE = dataclasses.replace(SUITE, lfm=DEMO_LFM)
     entropies = rows.setdefault("entropies", {})
     best: dict[str, C.Setting] = {}
     t_start = time.perf_counter()

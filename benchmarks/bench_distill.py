@@ -85,8 +85,10 @@ class Setting:
     def flow_config(self, fm: bool) -> dict:
         cfg = copy.deepcopy(self.lfm)
         cfg["data"] = self.data
-        cfg["train"]["steps"] = BIG
+        shares = cfg["train"].get("steps")  # a list: the blocks' shares of the budget, kept
+        cfg["train"]["steps"] = [BIG // 10_000 * n for n in shares] if isinstance(shares, list) else BIG
         if fm:
+            cfg["train"]["steps"] = BIG
             cfg["net"]["width"] = matched_width(self.dim, self.lfm["net"], self.n_lfm_blocks)
             cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
             cfg["train"].pop("push_points", None)

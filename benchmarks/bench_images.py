@@ -148,6 +148,11 @@ def solver_study(args, name: str, work: Path) -> None:
     rows, commands = raw["rows"], [c for c in raw["commands"] if c != command_line()] + [command_line()]
     ds = load(configs(args.quick)["LFM"]["data"])
     levels = ds.levels or 256
+    clf = classifier_for(ds) if args.fd and not args.quick else None
+    grid = args.grid_power[0] if len(args.grid_power) == 1 else tuple(args.grid_power)
+    grid_name = grid if len(args.grid_power) == 1 else ",".join(f"{p:g}" for p in grid)
+    if args.fd and clf is None:
+        raise SystemExit("--fd needs the Fashion-MNIST classifier: not with --quick")
     seeds = set()
     for folder in sorted(work.glob("*_seed*")):
         model, seed = folder.name.split("_seed")
@@ -157,27 +162,37 @@ def solver_study(args, name: str, work: Path) -> None:
         seeds.add(seed)
         x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([seed, 1]), levels=levels)
         for factor in args.study:
-            solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor, grid_power=args.grid_power)
-            key = (model.upper(), seed, solver.steps, args.grid_power)
+            solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor, grid_power=grid)
+            key = (model.upper(), seed, solver.steps, grid_name)
             rows = [r for r in rows if (r["model"], r["seed"], r["rk4 steps per block"], r["grid"]) != key]
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             s = nll_summary(flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g))
+            fds = []
+            for k in range(args.sample_sets if args.fd else 0):  # the sample sets of the run itself
+                g = torch.Generator().manual_seed(10_000 * (seed + 1) + k)
+                xs = flow.sample(args.samples, generator=g, batch_size=256, solver=solver)
+                fds.append(frechet_distance(xs, ds.test[: args.samples], clf))
             rows.append(
                 {
                     "model": model.upper(),
                     "seed": seed,
                     "rk4 steps per block": solver.steps,
-                    "grid": args.grid_power,
+                    "grid": grid_name,
                     "network evaluations": 4 * solver.steps * len(flow),
                     "bits_per_dim": float(bits_per_dim(s["nll"], flow.dim, levels)),
                     "bpd_se": s["nll_se"] / (flow.dim * math.log(2)),
                     "test images": s["n"],
+                    "classifier FD": statistics.fmean(fds) if fds else None,
+                    "FD sd": statistics.stdev(fds) if len(fds) > 1 else None,
+                    "FD sets": len(fds),
                     "seconds": time.perf_counter() - t0,
                 }
             )
             print(rows[-1], flush=True)
-    rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], r["grid"], r["rk4 steps per block"]))
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # rows of earlier runs may lack the FD columns
+    rows = [{k: r.get(k) for k in columns} for r in rows]
+    rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], str(r["grid"]), r["rk4 steps per block"]))
     path = write_results(
         out,
         f"Bits/dim against ODE solver steps: the models of results/{name}",
@@ -187,7 +202,9 @@ def solver_study(args, name: str, work: Path) -> None:
             f"The models saved by the run of results/{name}.md, re-scored on the first {args.bpd_points} "
             "test images (uniformly dequantised, the same images for every line) with more RK4 steps; "
             "`grid` p: steps at (k / steps)^p of each block's time (`solver.grid_power`; 1: equal steps). "
-            "Hutchinson divergence: every line has its own probe noise, included in `bpd_se`. Bits/dim "
+            "Hutchinson divergence: every line has its own probe noise, included in `bpd_se`. `classifier FD` "
+            "(with `--fd`): mean and sd over the run's sample sets, drawn from the same noise as the run's own "
+            "but with this solver. Bits/dim "
             "are only meaningful where they have stopped moving. Rows measured by: "
             + "; ".join(f"`{c}`" for c in commands)
             + "."
@@ -219,7 +236,12 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["LFM", "FM"], help="which models to train (or, with --study, to re-score)"
     )
-    parser.add_argument("--grid-power", type=float, default=1.0, help="with --study: solver.grid_power")
+    parser.add_argument(
+        "--grid-power", type=float, nargs="+", default=[1.0], help="with --study: solver.grid_power (one per block)"
+    )
+    parser.add_argument(
+        "--fd", action="store_true", help="with --study: also the classifier Frechet distance of the run's sample sets"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder, models in OUT/models (default benchmarks/results)"
     )

@@ -112,8 +112,10 @@ class Suite:
 
     def lfm_config(self, setting: Setting) -> dict:
         cfg = copy.deepcopy(self.lfm)
+        shares = cfg.get("train", {}).get("steps")
         train = {
-            "steps": 10_000_000,  # the budget decides; blocks share it equally
+            # The budget decides; blocks share it equally, or in proportion to a list of steps.
+            "steps": [10_000 * n for n in shares] if isinstance(shares, list) else 10_000_000,
             "batch_size": setting.batch_size,
             "lr": setting.lr,
             "lr_schedule": "cosine",
@@ -132,6 +134,8 @@ class Suite:
         cfg = self.lfm_config(setting)
         cfg["net"] = self.fm_net(dim)
         cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
+        cfg["train"]["steps"] = 10_000_000
+        cfg["train"].pop("push_points", None)
         cfg["solver"] = dict(self.ode_solver)
         return cfg
 
