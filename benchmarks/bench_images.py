@@ -144,8 +144,7 @@ def solver_study(args, name: str, work: Path) -> None:
 
     out = f"{name}_study"
     old = _common.RESULTS / f"{out}.json"
-    raw = json.loads(old.read_text())["raw"] if old.exists() else {"rows": [], "commands": []}
-    rows, commands = raw["rows"], [c for c in raw["commands"] if c != command_line()] + [command_line()]
+    rows = []  # this invocation's; merged with the file's when writing (another study may run meanwhile)
     ds = load(configs(args.quick)["LFM"]["data"])
     levels = ds.levels or 256
     clf = classifier_for(ds) if args.fd and not args.quick else None
@@ -163,8 +162,6 @@ def solver_study(args, name: str, work: Path) -> None:
         x = dequantize(ds.test[: args.bpd_points], np.random.default_rng([seed, 1]), levels=levels)
         for factor in args.study:
             solver = dataclasses.replace(flow.solver, steps=flow.solver.steps * factor, grid_power=grid)
-            key = (model.upper(), seed, solver.steps, grid_name)
-            rows = [r for r in rows if (r["model"], r["seed"], r["rk4 steps per block"], r["grid"]) != key]
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             s = nll_summary(flow.log_prob(torch.from_numpy(x), solver=solver, batch_size=256, generator=g))
@@ -190,6 +187,14 @@ def solver_study(args, name: str, work: Path) -> None:
                 }
             )
             print(rows[-1], flush=True)
+    raw = json.loads(old.read_text())["raw"] if old.exists() else {"rows": [], "commands": []}
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["seed"], r["rk4 steps per block"], r["grid"]
+
+    mine = {key(r) for r in rows}
+    rows += [r for r in raw["rows"] if key(r) not in mine]
+    commands = [c for c in raw["commands"] if c != command_line()] + [command_line()]
     columns = list(dict.fromkeys(k for r in rows for k in r))  # rows of earlier runs may lack the FD columns
     rows = [{k: r.get(k) for k in columns} for r in rows]
     rows.sort(key=lambda r: (r["model"] != "LFM", r["seed"], str(r["grid"]), r["rk4 steps per block"]))
