@@ -82,14 +82,14 @@ class Setting:
     fm_students: tuple[int, ...]
     speed_rounds: int
 
-    def flow_config(self, fm: bool) -> dict:
+    def flow_config(self, fm: bool, dim: int) -> dict:
         cfg = copy.deepcopy(self.lfm)
         cfg["data"] = self.data
         shares = cfg["train"].get("steps")  # a list: the blocks' shares of the budget, kept
         cfg["train"]["steps"] = [BIG // 10_000 * n for n in shares] if isinstance(shares, list) else BIG
         if fm:
             cfg["train"]["steps"] = BIG
-            cfg["net"]["width"] = matched_width(self.dim, self.lfm["net"], self.n_lfm_blocks)
+            cfg["net"]["width"] = matched_width(dim, self.lfm["net"], self.n_lfm_blocks)
             cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
             cfg["train"].pop("push_points", None)
         return cfg
@@ -97,10 +97,6 @@ class Setting:
     @property
     def n_lfm_blocks(self) -> int:
         return len(localfm.load_config({"blocks": self.lfm["blocks"]}).blocks.steps())
-
-    @property
-    def dim(self) -> int:
-        return datasets.load(self.data).train.shape[1]
 
 
 def _config(path: Path) -> dict:
@@ -234,7 +230,7 @@ def load_data(s: Setting) -> tuple[torch.Tensor, torch.Tensor, object]:
 
 
 def train_teacher(s: Setting, x: torch.Tensor, fm: bool, cache: Path | None) -> tuple[localfm.LocalFlow, float]:
-    cfg = s.flow_config(fm)
+    cfg = s.flow_config(fm, x.shape[1])
     key = hashlib.sha256(json.dumps([cfg, s.n_train, s.budget], sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{s.data}-{'fm' if fm else 'lfm'}-{key}" if cache is not None else None
     if path is not None and path.is_dir():
@@ -544,7 +540,7 @@ def main() -> None:
         params = sum(p.numel() for p in flow.parameters())
         steps = [e["steps"] for e in flow.training_log]
         log["teachers"][label] = {
-            "config": s.flow_config(fm),
+            "config": s.flow_config(fm, x.shape[1]),
             "blocks": len(flow),
             "parameters": params,
             "steps": steps,
