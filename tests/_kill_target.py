@@ -1,6 +1,7 @@
 """A tiny resumable training run for the kill-and-resume tests (run as a subprocess).
 
-Usage: ``python _kill_target.py RUN_DIR [WRITE_PAUSE_S]``. Trains a fixed seeded problem with
+Usage: ``python _kill_target.py RUN_DIR [WRITE_PAUSE_S]`` (``KILL_TARGET_POOLS=disk``: pools on disk).
+Trains a fixed seeded problem with
 ``localfm.fit(..., run_dir=RUN_DIR, resume=True)`` and saves the result to ``RUN_DIR/final``.
 It prints one line per event, flushed, so that the parent can kill it right after one:
 
@@ -85,7 +86,8 @@ def main() -> None:
         if p.phase in ("train", "push"):
             print(f"{p.phase} {p.block} {p.step}", flush=True)
 
-    flow = localfm.fit(data(), CONFIG, run_dir=run_dir, resume=True, callback=callback)
+    config = dict(CONFIG, train=dict(CONFIG["train"], pool_storage=os.environ.get("KILL_TARGET_POOLS", "device")))
+    flow = localfm.fit(data(), config, run_dir=run_dir, resume=True, callback=callback)
     localfm.save(flow, run_dir / "final")
     print("done", flush=True)
 

@@ -334,10 +334,12 @@ def kill_plan(rng: random.Random, n: int) -> list[tuple[str, float]]:
     return plan
 
 
-def run_target(run_dir: Path, kind: str | None, arg: float, *, timeout: float = 120.0) -> KillOutcome:
+def run_target(
+    run_dir: Path, kind: str | None, arg: float, *, timeout: float = 120.0, pools: str = "device"
+) -> KillOutcome:
     """Run ``_kill_target.py`` and SIGKILL it at the planned point (``kind=None``: let it finish)."""
     pause = "0.5" if kind == "write" else "0"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KILL_TARGET_POOLS=pools)
     with open(run_dir.parent / f"{run_dir.name}.stderr", "ab") as err:
         proc = subprocess.Popen(
             [sys.executable, str(TARGET), str(run_dir), pause], stdout=subprocess.PIPE, stderr=err, text=True, env=env

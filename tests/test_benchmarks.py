@@ -190,3 +190,21 @@ def test_bench_distill_quick(tmp_path):
     targets = [f["target"] for f in payload["sections"]["Figures"]]
     assert targets.count("<= 1.5") == 1 and targets.count(">= 20") == 1 and targets.count("LFM lower ED") == 2
     assert (tmp_path / "distill_quick.png").stat().st_size > 0
+
+
+def test_bench_pools_quick(tmp_path):
+    """Pool storage at CI scale: each storage's fit in its own process, the same model from both."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_pools.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "pools_quick.json").read_text())
+    rows = payload["sections"]["Peak memory and time of fit"]
+    assert {(r["images"], r["storage"]) for r in rows} == {(n, s) for n in (300, 600) for s in ("device", "disk")}
+    assert payload["meta"]["same_parameters"] is True
+    assert all(r["peak_rss_mb"] > 0 and r["push_s"] > 0 for r in rows)
+    assert (tmp_path / "pools_quick.md").read_text().count("| disk |") == 2

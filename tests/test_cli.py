@@ -27,10 +27,11 @@ def localfm(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """One small run made by `localfm train`, shared by the command tests below."""
+    """One small run made by `localfm train`, shared by the command tests below (pools on disk)."""
     work = tmp_path_factory.mktemp("cli")
     out = work / "run"
-    proc = localfm("train", str(SMALL), "--out", str(out), "--set", "train.steps=150", "--no-eval", cwd=work)
+    sets = ["--set", "train.steps=150", "--set", "train.pool_storage=disk"]
+    proc = localfm("train", str(SMALL), "--out", str(out), *sets, "--no-eval", cwd=work)
     assert "trained 3 blocks" in proc.stdout
     return out
 
@@ -43,6 +44,9 @@ def test_train_writes_a_complete_run_folder(run: Path) -> None:
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {e["phase"] for e in events} >= {"train", "push", "done"}
     assert any((run / "checkpoints").iterdir())
+    # train.pool_storage=disk: the checkpoints refer to the pushed pools' own .npy files
+    pools = sorted(p.name for p in (run / "checkpoints").glob("pool-b*"))
+    assert pools and all(p.endswith(".npy") for p in pools)
 
 
 def test_eval_writes_metrics(run: Path) -> None:

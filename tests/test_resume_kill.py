@@ -51,6 +51,22 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert identical, f"resumed run differs from the uninterrupted one by up to {diff:g}"
 
 
+def test_sigkill_while_a_pool_file_is_written(tmp_path):
+    """Pools on disk: a kill inside the pushforward leaves the next pool's file half-written under
+    its temporary name; the resumed run removes it, writes the pool again and ends bit-identical."""
+    run_dir = tmp_path / "run"
+    first = cases.run_target(run_dir, "push", 3, pools="disk")  # half-way through block 1's push
+    assert first.killed and cases.check_run_dir(run_dir) == []
+    assert [p.name for p in (run_dir / "checkpoints").glob(".pool-b01.*.npy.tmp")], "no half-written pool file"
+    second = cases.run_target(run_dir, "push", 9, pools="disk")  # inside the next push (pool 2) this time
+    assert second.killed and cases.check_run_dir(run_dir) == []
+    final = cases.run_target(run_dir, None, 0, pools="disk")
+    assert final.last_line == "done" and cases.partial_writes(run_dir) == 0
+    assert {p.suffix for p in (run_dir / "checkpoints").glob("pool-b*")} == {".npy"}
+    identical, diff = cases.compare(cases.reference_tensors(), cases.final_tensors(run_dir))
+    assert identical, f"resumed run differs from the uninterrupted one by up to {diff:g}"
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()

@@ -90,6 +90,12 @@ class TrainConfig:
     rank and on resume) through the blocks; blocks after the first train on that pushed subset.
     ``None`` pushes them all. The pushforward is LFM's overhead over global flow matching; a pool of
     a few tens of thousands of points is plenty for the smoother distributions of later blocks.
+
+    ``pool_storage``: where the pools live. ``device`` keeps them on the training device; ``disk``
+    writes each one, batch by batch, to a memory-mapped ``.npy`` file (in the run's checkpoint
+    folder, referred to by the checkpoints; in a temporary folder without ``run_dir``) and draws
+    minibatches from it; ``auto`` chooses disk when a pool would take more than half of the
+    device's free memory. Results are the same either way (see :mod:`localfm.pools`).
     """
 
     steps: int | tuple[int, ...] = 2000
@@ -112,6 +118,7 @@ class TrainConfig:
     warm_start: bool = True
     push_batch_size: int = 16384
     push_points: int | None = None
+    pool_storage: str = "auto"
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -153,6 +160,8 @@ class TrainConfig:
             )
         if self.push_points is not None and not (isinstance(self.push_points, int) and self.push_points >= 2):
             raise ValueError(f"train.push_points must be an integer >= 2 or null (push all), got {self.push_points!r}")
+        if self.pool_storage not in ("auto", "device", "disk"):
+            raise ValueError(f"train.pool_storage must be auto, device or disk, got {self.pool_storage!r}")
         if not 0 <= self.context_dropout < 1:
             raise ValueError(f"train.context_dropout must be a probability in [0, 1), got {self.context_dropout}")
         get_interpolant(self.interpolant)

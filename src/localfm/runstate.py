@@ -3,7 +3,8 @@
 Layout: ``checkpoints/b{n}-s{step}/`` holds ``state.json`` and ``state.safetensors`` (the finished
 blocks, the block in training with its optimiser and EMA, the random generator), and
 ``checkpoints/pool-b{n}-{sha}.safetensors`` holds block n's pool (the data pushed through blocks
-< n), named by its content so that a pool file never changes once a checkpoint refers to it.
+< n), named by its content so that a pool file never changes once a checkpoint refers to it; a pool
+kept on disk (``train.pool_storage``) is its own ``pool-b{n}-{sha}.npy`` there, referred to, not copied.
 A checkpoint folder is written under a temporary name and renamed, so it is whole or absent;
 ``state.json`` records the SHA-256 of itself, of ``state.safetensors`` and of the pool file.
 """
@@ -38,6 +39,7 @@ from .checkpoint import (
 )
 from .config import FlowConfig, to_dict
 from .flow import LocalFlow
+from .pools import PoolFile, open_pool
 from .training import BlockState, fresh_net, make_optimizer
 
 __all__ = ["Checkpointer", "latest", "SavedRun", "RESUMABLE_CHANGES"]
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT = "localfm-train-state"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^b(\d{2,})-s(\d{7,})$")
-_POOL = re.compile(r"^pool-b(\d{2,})-[0-9a-f]{16}\.safetensors$")
+_POOL = re.compile(r"^pool-b(\d{2,})-[0-9a-f]{16}\.(safetensors|npy)$")
 
 #: Settings that may differ when resuming (the cure for a diverged run); any other change is refused.
 RESUMABLE_CHANGES = (
@@ -58,6 +60,7 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.log_every",
     "train.push_batch_size",
+    "train.pool_storage",
 )
 
 
@@ -73,6 +76,7 @@ class SavedRun:
     pool: Tensor | None
     generator_state: Tensor
     block_state: BlockState | None
+    pool_file: PoolFile | None = None  # the pool's .npy file when it was kept on disk
 
 
 class Checkpointer:
@@ -86,6 +90,7 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.config = config
         self._pool: tuple[int, Tensor, str, str] | None = None  # (block, pool, file name, sha)
+        self._in_use: str | None = None  # the pool file training reads now: never pruned
         found = _checkpoints(self.dir)
         if resumed_from is None and found:
             raise ValueError(
@@ -106,8 +111,10 @@ class Checkpointer:
                 log.warning("moved the damaged checkpoint %s aside to %s", d.name, aside.name)
         self.last: Path | None = resumed_from.path if resumed_from is not None else None
 
-    def _pool_file(self, block: int, pool: Tensor) -> tuple[str, str]:
+    def _pool_file(self, block: int, pool: Tensor, file: PoolFile | None) -> tuple[str, str]:
         """Write block ``block``'s pool once (content-named), or find it already on disk."""
+        if file is not None and file.path.parent.resolve() == self.dir.resolve():
+            return file.path.name, file.sha256
         if self._pool is not None and self._pool[0] == block and self._pool[1] is pool:
             return self._pool[2], self._pool[3]
         data = tensor_bytes({"pool": pool})
@@ -120,11 +127,22 @@ class Checkpointer:
         return name, sha
 
     def save(
-        self, flow: LocalFlow, block: int, pool: Tensor, generator: torch.Generator, elapsed: float, state
+        self,
+        flow: LocalFlow,
+        block: int,
+        pool: Tensor,
+        generator: torch.Generator,
+        elapsed: float,
+        state,
+        pool_file: PoolFile | None = None,
     ) -> Path:
-        """Checkpoint the run before block ``block`` (``state=None``) or inside it."""
+        """Checkpoint the run before block ``block`` (``state=None``) or inside it.
+
+        ``pool_file``: the pool's file when it is kept on disk in this folder (referred to, not copied).
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
-        pool_name, pool_sha = self._pool_file(block, pool) if block > 0 else (None, None)
+        self._in_use = pool_file.path.name if pool_file is not None else None
+        pool_name, pool_sha = self._pool_file(block, pool, pool_file) if block > 0 else (None, None)
         tensors = {f"flow.{k}": v for k, v in flow.state_dict().items()}
         tensors["rng"] = generator.get_state()
         meta: dict[str, Any] = {
@@ -181,7 +199,7 @@ class Checkpointer:
             except CheckpointError:
                 return  # cannot tell which pool a kept checkpoint needs: keep them all
         for f in self.dir.iterdir():
-            if _POOL.match(f.name) and f.name not in referenced:
+            if _POOL.match(f.name) and f.name not in referenced and f.name != self._in_use:
                 f.unlink(missing_ok=True)
 
 
@@ -268,22 +286,27 @@ def _parse(path: Path, meta: dict, tensors: dict[str, Tensor], cfg: FlowConfig, 
     flow.config = cfg  # equal up to RESUMABLE_CHANGES, which the run continues under
     rng = tensors["rng"]
     _expect(rng.dtype == torch.uint8 and rng.dim() == 1, path, "the random generator state is malformed")
-    pool = None
+    pool, pool_file = None, None
     if block > 0:
         name = meta["pool_file"]
         _expect(isinstance(name, str) and bool(_POOL.match(name)), path, f"pool_file {name!r} is not a pool file")
         _expect(isinstance(meta["pool_sha256"], str), path, "no pool_sha256 recorded")
-        pool_t = read_tensors(path.parent / name, meta["pool_sha256"])
-        pool = pool_t.get("pool")
-        _expect(pool is not None and set(pool_t) == {"pool"}, path.parent / name, "holds no pool tensor")
-        _expect(pool.is_floating_point() and bool(torch.isfinite(pool).all()), path.parent / name, "bad pool values")
+        if name.endswith(".npy"):  # kept on disk: memory-mapped, checked against its checksum
+            pool = open_pool(path.parent / name, meta["pool_sha256"])
+            pool_file = PoolFile(path.parent / name, meta["pool_sha256"])
+        else:
+            pool_t = read_tensors(path.parent / name, meta["pool_sha256"])
+            pool = pool_t.get("pool")
+            _expect(pool is not None and set(pool_t) == {"pool"}, path.parent / name, "holds no pool tensor")
+            good = pool.is_floating_point() and bool(torch.isfinite(pool).all())
+            _expect(good, path.parent / name, "bad pool values")
     bs = meta["block_state"]
     state = None
     if bs is not None:
         steps = cfg.train.sequential_steps(cfg.blocks.steps())
         _expect(block < n_blocks and step < steps[block], path, "no block left to train")
         state = _restore_block(path, bs, tensors, cfg, flow, net_factory, device, dtype, step)
-    return SavedRun(path, flow, block, step, float(elapsed), pool, rng, state)
+    return SavedRun(path, flow, block, step, float(elapsed), pool, rng, state, pool_file)
 
 
 def _restore_block(path, bs: dict, tensors, cfg: FlowConfig, flow, net_factory, device, dtype, step) -> BlockState:

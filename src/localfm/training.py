@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from .flow import Block, LocalFlow, Standardizer, check_context, check_data
 from .interpolants import get_interpolant
 from .nets import build_net
 from .ode import SolverConfig
+from .pools import DiskPools, PoolFile, wants_disk
 from .schedules import ou_step
 
 __all__ = ["fit", "Progress", "TrainingDivergedError", "train_block", "push", "draw_pairs", "pairs_at", "BlockState"]
@@ -103,7 +105,7 @@ def draw_pairs(
     ``batch_size`` (default ``tc.batch_size``) is this rank's share of the batch under torchrun.
     """
     b = batch_size or tc.batch_size
-    idx = torch.randint(pool.shape[0], (b,), generator=generator, device=pool.device)
+    idx = torch.randint(pool.shape[0], (b,), generator=generator, device=generator.device)
     return pairs_at(pool, idx, h, tc, generator)
 
 
@@ -111,19 +113,27 @@ def pairs_at(pool: Tensor, idx: Tensor, h: float | None, tc: TrainConfig, genera
     """The block pairs ``(x_l, x_r)`` of the pool rows ``idx`` (see :func:`draw_pairs`).
 
     A conditional flow draws ``idx`` itself, so that it can take the same rows of the context.
+    The pairs are on the generator's device, wherever the pool is (a pool on disk is on the host).
     """
-    n, b = pool.shape[0], idx.shape[0]
-    x_l = pool[idx]
-    z = torch.randn(x_l.shape, generator=generator, device=pool.device, dtype=pool.dtype)
+    n, b, device = pool.shape[0], idx.shape[0], generator.device
+    x_l = rows(pool, idx)
+    z = torch.randn(x_l.shape, generator=generator, device=device, dtype=pool.dtype)
     if h is None:
         return x_l, z
     if tc.pairing == "dependent":
         src = x_l
     elif tc.pairing == "shuffled":
-        src = x_l[torch.randperm(b, generator=generator, device=pool.device)]
+        src = x_l[torch.randperm(b, generator=generator, device=device)]
     else:
-        src = pool[torch.randint(n, (b,), generator=generator, device=pool.device)]
+        src = rows(pool, torch.randint(n, (b,), generator=generator, device=device))
     return x_l, ou_step(src, h, z)
+
+
+def rows(pool: Tensor, idx: Tensor) -> Tensor:
+    """``pool[idx]`` on ``idx``'s device: a pool kept on the host (on disk) is gathered there and moved."""
+    if pool.device == idx.device:
+        return pool[idx]
+    return pool[idx.to(pool.device)].to(idx.device, non_blocking=True)
 
 
 def lr_factor(step: int, steps: int, tc: TrainConfig, progress: float | None = None) -> float:
@@ -201,10 +211,11 @@ def train_block(
     params = [p for p in net.parameters() if p.requires_grad]
     ema_list = [state.ema[k] for k, p in net.named_parameters() if p.requires_grad] if state.ema else None
     K = tc.draws_per_pair
-    amp = tc.amp and pool.device.type == "cuda"  # bfloat16 autocast: no loss scaling needed
+    device = generator.device  # where the pairs are made and the network trains (the pool may be on disk)
+    amp = tc.amp and device.type == "cuda"  # bfloat16 autocast: no loss scaling needed
     if tc.amp and not amp:
-        log.info("train.amp is ignored on %s: mixed precision runs on CUDA only", pool.device.type)
-    loss_sum, since, t_mark = torch.zeros((), device=pool.device, dtype=pool.dtype), 0, time.perf_counter()
+        log.info("train.amp is ignored on %s: mixed precision runs on CUDA only", device.type)
+    loss_sum, since, t_mark = torch.zeros((), device=device, dtype=pool.dtype), 0, time.perf_counter()
     budget_start, clock_start = state.seconds, time.monotonic()
     began = clock_start - budget_start  # when this block would have started, had it never stopped
     net.train()
@@ -218,7 +229,7 @@ def train_block(
         if K > 1:
             x_l, x_r = x_l.repeat(K, *[1] * (x_l.dim() - 1)), x_r.repeat(K, *[1] * (x_r.dim() - 1))
             c = c.repeat(K, 1) if c is not None else None
-        t = times.sample(x_l.shape[0], generator=generator, device=pool.device, dtype=pool.dtype)
+        t = times.sample(x_l.shape[0], generator=generator, device=device, dtype=pool.dtype)
         if null is not None:
             drop = torch.rand(c.shape[0], generator=generator, device=c.device, dtype=c.dtype) < tc.context_dropout
             c = torch.where(drop[:, None], null.to(c.dtype).expand_as(c), c)
@@ -278,7 +289,7 @@ def _pair_drawer(pool: Tensor, h: float | None, tc: TrainConfig, pairs, context:
         return lambda b, g: (*draw_pairs(pool, h, tc, g, batch_size=b), None)
 
     def draw(b: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        idx = torch.randint(pool.shape[0], (b,), generator=g, device=pool.device)
+        idx = torch.randint(pool.shape[0], (b,), generator=g, device=g.device)
         return (*pairs_at(pool, idx, h, tc, g), context[idx])
 
     return draw
@@ -326,17 +337,43 @@ def push(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
     context: Tensor | None = None,
+    *,
+    subset: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``T_n`` applied to every point of ``pool`` (data side to noise side), in batches.
 
     ``context`` (N, c), row-aligned with ``pool``, conditions the block; it is not transported.
+    ``subset`` (indices into ``pool``) pushes only those rows, in that order. ``out`` receives the
+    result (a pool being written to disk, see :mod:`localfm.pools`); each batch is moved to the
+    block's device, pushed and written back, so a pool on disk is never held in memory whole.
 
     Under torchrun each rank pushes its contiguous share of the pool and every rank receives the
     whole result; ``progress(done, total)`` then estimates ``done`` from this rank's share.
     Raises :class:`TrainingDivergedError` if a pushed point is not finite.
     """
-    total, ranks = pool.shape[0], distributed.world().size
+    if distributed.world().size > 1:
+        if subset is not None or out is not None:
+            raise ValueError("push: subset= and out= (pools on disk) are for a single process, not torchrun")
+        return _push_sharded(block, pool, solver, batch_size, progress, context)
+    total = pool.shape[0] if subset is None else subset.shape[0]
+    device = next(block.parameters(), pool).device
+    dest = torch.empty((total, *pool.shape[1:]), dtype=pool.dtype, device=device) if out is None else out
+    for i in range(0, total, batch_size):
+        sel = slice(i, i + batch_size) if subset is None else subset[i : i + batch_size]
+        ctx = None if context is None else context[sel].to(device)
+        y = block.forward(pool[sel].to(device), solver=solver, context=ctx).x
+        if not torch.isfinite(y).all():
+            raise TrainingDivergedError("pushing the data through the trained block gave non-finite points", None)
+        dest[i : i + y.shape[0]] = y.to(dest.device)
+        if progress is not None:
+            progress(min(i + batch_size, total), total)
+    return dest
 
+
+def _push_sharded(block: Block, pool: Tensor, solver, batch_size: int, progress, context: Tensor | None) -> Tensor:
+    """:func:`push` under torchrun: each rank its share, the whole pool gathered on every rank."""
+    total, ranks = pool.shape[0], distributed.world().size
     width = pool[0].numel()
 
     def push_share(share: Tensor) -> Tensor:
@@ -459,6 +496,7 @@ class _BlockHooks:
     pool: Tensor
     generator: torch.Generator
     budget: TimeBudget
+    pool_file: PoolFile | None = None  # the pool's file when it is on disk
 
     def callbacks(self, deadline: float) -> dict:
         """The ``deadline``, ``report`` and ``checkpoint`` arguments of :func:`train_block`."""
@@ -492,7 +530,7 @@ class _BlockHooks:
 
     def checkpoint(self, s: BlockState) -> None:
         if self.ckpt:
-            self.ckpt.save(self.flow, self.n, self.pool, self.generator, self.budget.used(), s)
+            self.ckpt.save(self.flow, self.n, self.pool, self.generator, self.budget.used(), s, self.pool_file)
         distributed.resync(self.generator)
 
     def push_progress(self, done: int, total: int) -> None:
@@ -557,7 +595,11 @@ def fit(
         raise ValueError("time_budget cannot be shared out with train.parallel_blocks: true; give train.steps instead")
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    x = check_data(x_train, "x_train").to(device, dtype)
+    x = check_data(x_train, "x_train")
+    if cfg.train.pool_storage == "disk" and world.size > 1:
+        raise ValueError("train.pool_storage: disk runs in one process; under torchrun use device (or auto)")
+    on_disk = world.size == 1 and wants_disk(cfg.train.pool_storage, tuple(x.shape), dtype, device)
+    x = x if on_disk else x.to(device, dtype)  # on disk, the data stay where they are and go through in batches
     if x.shape[0] < 2 or x[0].numel() == 0:
         raise ValueError(f"x_train needs at least 2 points with at least one coordinate, got shape {tuple(x.shape)}")
     hs = cfg.blocks.steps()
@@ -571,7 +613,9 @@ def fit(
         raise ValueError("train.parallel_blocks does not support conditional flows (context=); train block by block")
 
     flow = LocalFlow(x.shape[1:], [], Standardizer.fit(x, per_coordinate=x.dim() == 2), cfg.solver, cfg).to(device)
-    pool = flow.standardizer(x)
+    writes = run_dir is not None and world.is_main  # rank 0 alone writes checkpoints
+    disk = DiskPools(Path(run_dir) / "checkpoints" if writes else None) if on_disk else None
+    pool, pool_file = (flow.standardizer(x), None) if disk is None else disk.standardized(flow.standardizer, x, dtype)
     generator = torch.Generator(device).manual_seed(seed)
     first_block, state, used = 0, None, 0.0
     saved = (
@@ -582,7 +626,11 @@ def fit(
     keep = _pushed_subset(x.shape[0], cfg.train.push_points, seed, device)
     if saved is not None:
         flow, first_block, used, state = saved.flow, saved.block, saved.elapsed, saved.block_state
-        pool = saved.pool.to(device, dtype) if saved.pool is not None else pool
+        if saved.pool is not None:
+            if disk is None:
+                pool = saved.pool.to(device, dtype)
+            else:
+                pool, pool_file = disk.adopt(saved.pool, saved.pool_file, saved.block)
         if first_block > 0 and keep is not None and c is not None:
             c = c[keep]  # the saved pool holds the pushed subset's rows
         generator.set_state(saved.generator_state)
@@ -595,7 +643,6 @@ def fit(
                 "every rank reads run_dir: put it on a file system that all machines share"
             )
     distributed.resync(generator)
-    writes = run_dir is not None and world.is_main  # rank 0 alone writes checkpoints
     ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if writes else None
     budget = TimeBudget(time_budget, steps, already_used=used)
 
@@ -637,7 +684,7 @@ def fit(
         state = state or start_block(n)
         if n == first_block:
             budget.restart(used)
-        hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget)
+        hooks = _BlockHooks(n, steps[n], cfg, emit, ckpt, flow, pool, generator, budget, pool_file)
         last = n + 1 == len(hs)  # nothing trains on the pool after the last block: no push
         if time_budget and not last and push_s is None:  # later blocks use the last push measured
             pushed = len(keep) if keep is not None and n == 0 else pool.shape[0]
@@ -650,11 +697,17 @@ def fit(
             flow.append(Block(state.net, hs[n]))
             t0 = time.perf_counter()
             if not last:
-                if n == 0 and keep is not None:  # from here on the pool is the chosen subset
-                    pool, c = pool[keep], (None if c is None else c[keep])
-                pool = push(
-                    flow.blocks[n], pool, cfg.solver.for_block(n), cfg.train.push_batch_size, hooks.push_progress, c
-                )
+                subset = keep if n == 0 else None  # from here on the pool is the chosen subset
+                solver, batch = cfg.solver.for_block(n), cfg.train.push_batch_size
+                if disk is None:
+                    if subset is not None:
+                        pool, c = pool[subset], (None if c is None else c[subset])
+                    pool = push(flow.blocks[n], pool, solver, batch, hooks.push_progress, c)
+                else:  # written batch by batch into the next pool's file
+                    size = (len(pool) if subset is None else len(subset), *pool.shape[1:])
+                    fill = partial(push, flow.blocks[n], pool, solver, batch, hooks.push_progress, c, subset=subset)
+                    pool, pool_file = disk.write(n + 1, size, dtype, fill)
+                    c = None if c is None else c if subset is None else c[subset]
         except TrainingDivergedError as err:
             raise err.at(n, ckpt.last if ckpt else None) from None
         record = hooks.record(hs[n], state, time.perf_counter() - t0)
@@ -662,7 +715,9 @@ def fit(
         flow.training_log.append(parallel[n].merged(record) if n in parallel else record)
         state = None
         if ckpt is not None:
-            ckpt.save(flow, n + 1, pool, generator, budget.used(), None)
+            ckpt.save(flow, n + 1, pool, generator, budget.used(), None, pool_file)
         distributed.resync(generator)
+    if disk is not None:
+        disk.close()
     emit(phase="done", block=len(hs) - 1, step=len(hs), steps=len(hs))
     return flow.eval()
