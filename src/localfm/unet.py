@@ -92,7 +92,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))  # (B, heads, HW, d)
+        h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
