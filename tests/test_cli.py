@@ -146,6 +146,13 @@ def test_demo_quick_writes_a_report(tmp_path: Path) -> None:
     assert "fork levels shown" in (tmp_path / "demo" / "report.md").read_text()
 
 
+def test_fid_on_a_run_that_is_not_images_is_refused_before_any_work(run: Path) -> None:
+    proc = localfm("eval", str(run), "--fid-weights", "pt_inception.pth", cwd=run.parent, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "localfm: error: FID is for images; this run's data (8gaussians) are not images: drop --fid-weights"
+    )
+
+
 def test_distill_then_sample_and_eval_the_student(run: Path) -> None:
     proc = localfm("distill", str(run), "--train-steps", "60", cwd=run.parent)
     student = run / "distilled-k1"

@@ -7,9 +7,9 @@ small CNN that localfm trains itself (on Fashion-MNIST, or any labelled image se
     d^2 = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}).
 
 It is the formula of FID in other features, so its values are not comparable with published FID
-numbers; it is never called FID here. Real FID needs the Inception-v3 weights of Heusel et al.:
-with them on disk, write samples as PNGs (``localfm sample``, then convert) and run
-``pytorch-fid`` or ``torch-fidelity`` on the folders; localfm neither bundles nor downloads them.
+numbers; it is never called FID here. FID proper needs the Inception-v3 weights of Heusel et al.
+and pytorch-fid, which localfm neither bundles nor downloads: with both, see :mod:`localfm.fid`
+(``localfm eval RUN --fid-weights FILE``).
 
 Training is deterministic: the seed fixes the initial weights and the order of the minibatches,
 so two trainings with the same seed, data and thread count give identical weights. A trained

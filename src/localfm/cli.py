@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-points", type=int, default=None, help="evaluate on a random subset of this size")
     e.add_argument("--n-samples", type=int, default=10_000, help="samples for energy distance and MMD")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--fid-weights",
+        default=None,
+        metavar="FILE",
+        help="image runs: add FID proper, with pytorch-fid (installed by you) and its Inception weights file",
+    )
 
     pl = add("plot", "write the figures of a run into RUN/plots")
     pl.add_argument("run", help="run folder")
@@ -315,7 +321,12 @@ def cmd_eval(args) -> None:
 
     with distributed.session("cpu"):  # a loaded run lives on the CPU: gloo
         m = evaluate_run(
-            args.run, split=args.split, max_points=args.max_points, n_samples=args.n_samples, seed=args.seed
+            args.run,
+            split=args.split,
+            max_points=args.max_points,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            fid_weights=args.fid_weights,
         )
         if not distributed.world().is_main:
             return
@@ -413,7 +424,15 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         COMMANDS[args.command](args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, CheckpointError, TrainingDivergedError) as err:
+    except (
+        UsageError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        ImportError,  # an optional package a command needs: the message says how to install it
+        CheckpointError,
+        TrainingDivergedError,
+    ) as err:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"localfm: error: {msg}", file=sys.stderr)
         return 2

@@ -184,8 +184,12 @@ def evaluate_run(
     n_samples: int = 10_000,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    fid_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Test NLL (nats, with standard error), bits/dim for images, and sample metrics; writes metrics.json.
+
+    ``fid_weights``: for image runs, also FID proper with pytorch-fid and this Inception weights
+    file (:mod:`localfm.fid`; checked before the slow work starts).
 
     Under torchrun the likelihood and the samples are shared out over the ranks (each rank draws
     from its own generator, derived from ``seed``); every rank returns the metrics, rank 0 writes them.
@@ -193,6 +197,13 @@ def evaluate_run(
     run = Path(run)
     flow, cfg = _model_of(run)
     ds = load_run_data(cfg)
+    fid_net = None
+    if fid_weights is not None:
+        if ds.kind != "image":
+            raise ValueError(f"FID is for images; this run's data ({ds.name}) are not images: drop --fid-weights")
+        from .fid import inception_network
+
+        fid_net = inception_network(fid_weights)
     x = ds.split(split)
     if max_points is not None and max_points < len(x):
         x = x[np.random.default_rng(seed).choice(len(x), max_points, replace=False)]
@@ -233,6 +244,10 @@ def evaluate_run(
         metrics["mmd"] = mmd(samples[: len(ref)], ref)
     elif ds.labels is not None:
         metrics.update(_classifier_frechet(ds, samples, ds.test[:n_samples]))
+    if fid_net is not None:
+        from .fid import fid
+
+        metrics.update(fid=fid(samples, ds.test[:n_samples], fid_net), fid_points=[len(samples), n_samples])
     metrics["parameters"] = sum(p.numel() for p in flow.parameters())
     metrics["blocks"] = len(flow)
     metrics["dataset"] = ds.name
