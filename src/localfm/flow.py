@@ -47,7 +47,7 @@ def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None)
     return x
 
 
-_ONE_PIECE = 1 << 28  # bytes of float64 copy up to which Standardizer.fit works on the data in one piece
+_ONE_PIECE = 1 << 26  # bytes of float64 copy up to which Standardizer.fit works on the data in one piece
 
 
 def _row_chunks(x: Tensor, nbytes: int = 1 << 26):
@@ -112,8 +112,8 @@ class Standardizer(nn.Module):
         else:  # in pieces (two passes), so a large or memory-mapped data set is never copied whole
             dims = (0,) if per_coordinate else tuple(range(x.dim()))
             count = x.shape[0] * (1 if per_coordinate else x[0].numel())
-            mean = sum(part.double().sum(dims) for _, part in _row_chunks(x)) / count
-            sq = sum((part.double() - mean).pow(2).sum(dims) for _, part in _row_chunks(x))
+            mean = sum(part.double().sum(dims) for _, part in _row_chunks(x, 1 << 23)) / count
+            sq = sum((part.double() - mean).pow(2).sum(dims) for _, part in _row_chunks(x, 1 << 23))
             scale = (sq / max(count - 1, 1)).sqrt()
             mean, scale = mean.expand(x.shape[1:]).clone(), scale.expand(x.shape[1:]).clone()
         scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
