@@ -29,15 +29,16 @@ def expected_contenders() -> list[str]:
     return [c for c in CONTENDERS if c not in PACKAGE or importlib.util.find_spec(PACKAGE[c]) is not None]
 
 
-def run_tiny(script: str, out: Path, *extra: str) -> dict:
+def run_script(script: str, *args: str) -> None:
+    """Run ``benchmarks/<script>`` as a user would; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--tiny", "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def run_tiny(script: str, out: Path, *extra: str) -> dict:
+    run_script(script, "--tiny", "--out", str(out), *extra)
     name = {"bench_2d.py": "2d_tiny", "bench_power.py": "power_tiny", "bench_theory.py": "theory_tiny"}[script]
     payload = json.loads((out / f"{name}.json").read_text())
     md = (out / f"{name}.md").read_text()
@@ -124,23 +125,7 @@ def test_bench_images_quick_then_its_solver_study(tmp_path):
     drawn; then the saved models re-scored at more solver steps."""
 
     def run(*extra: str) -> None:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(BENCH / "bench_images.py"),
-                "--quick",
-                "--threads",
-                "1",
-                "--out",
-                str(tmp_path),
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=ROOT,
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        run_script("bench_images.py", "--quick", "--threads", "1", "--out", str(tmp_path), *extra)
 
     run()
     runs = json.loads((tmp_path / "images_quick.json").read_text())["raw"]["runs"]
@@ -167,14 +152,7 @@ def test_bench_images_quick_then_its_solver_study(tmp_path):
 def test_bench_distill_quick(tmp_path):
     """Distillation's comparison at CI scale: teachers of equal size from equal budgets, every
     student scored at its own network evaluations, the speed ratio and the figures written."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_distill.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_script("bench_distill.py", "--quick", "--out", str(tmp_path))
     payload = json.loads((tmp_path / "distill_quick.json").read_text())
     teachers = payload["raw"]["log"]["teachers"]
     lfm, fm = teachers["LFM"], teachers["FM"]
@@ -194,14 +172,7 @@ def test_bench_distill_quick(tmp_path):
 
 def test_bench_pools_quick(tmp_path):
     """Pool storage at CI scale: each storage's fit in its own process, the same model from both."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_pools.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_script("bench_pools.py", "--quick", "--out", str(tmp_path))
     payload = json.loads((tmp_path / "pools_quick.json").read_text())
     rows = payload["sections"]["Peak memory and time of fit"]
     assert {(r["images"], r["storage"]) for r in rows} == {(n, s) for n in (300, 600) for s in ("device", "disk")}
