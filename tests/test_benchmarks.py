@@ -179,3 +179,16 @@ def test_bench_pools_quick(tmp_path):
     assert payload["meta"]["same_parameters"] is True
     assert all(r["peak_rss_mb"] > 0 and r["push_s"] > 0 for r in rows)
     assert (tmp_path / "pools_quick.md").read_text().count("| disk |") == 2
+
+
+def test_bench_ablation_tiny(tmp_path):
+    """POWER's ablation at CI scale: every variant trained and scored against the default, paired."""
+    run_script("bench_ablation.py", "--tiny", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "ablation_power_tiny.json").read_text())
+    rows = {r["variant"]: r for r in payload["sections"]["Variants"]}
+    assert list(rows)[0] == "default" and rows["default"]["delta"] == 0 and len(rows) == 9
+    assert rows["1 OU block"]["blocks"] == 2 and rows["6 OU blocks"]["blocks"] == 7
+    base = rows["default"]["parameters"]
+    assert all(abs(r["parameters"] - base) <= 0.05 * base for r in rows.values())  # equal model size
+    assert all(math.isfinite(r["delta"]) and r["delta_se"] >= 0 for r in rows.values())
+    assert (tmp_path / "ablation_power_tiny.png").stat().st_size > 0
