@@ -155,3 +155,12 @@ def test_auto_storage_goes_to_disk_when_a_pool_would_not_fit(monkeypatch):
 def test_pool_storage_is_validated():
     with pytest.raises(ValueError, match="pool_storage must be auto, device or disk"):
         tiny_config(train={"pool_storage": "ram"})
+
+
+def test_a_run_refused_by_its_folder_writes_no_pool(tmp_path):
+    x = data(300)
+    localfm.fit(x, config("disk"), run_dir=tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        localfm.fit(x, config("disk"), run_dir=tmp_path)  # a new run into a used folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before

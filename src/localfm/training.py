@@ -615,7 +615,7 @@ def fit(
     flow = LocalFlow(x.shape[1:], [], Standardizer.fit(x, per_coordinate=x.dim() == 2), cfg.solver, cfg).to(device)
     writes = run_dir is not None and world.is_main  # rank 0 alone writes checkpoints
     disk = DiskPools(Path(run_dir) / "checkpoints" if writes else None) if on_disk else None
-    pool, pool_file = (flow.standardizer(x), None) if disk is None else disk.standardized(flow.standardizer, x, dtype)
+    pool, pool_file = (flow.standardizer(x), None) if disk is None else (None, None)  # on disk: below
     generator = torch.Generator(device).manual_seed(seed)
     first_block, state, used = 0, None, 0.0
     saved = (
@@ -644,6 +644,8 @@ def fit(
             )
     distributed.resync(generator)
     ckpt = runstate.Checkpointer(Path(run_dir), cfg, resumed_from=saved) if writes else None
+    if pool is None:  # pool 0 on disk, the standardised data written in batches (once the folder is checked)
+        pool, pool_file = disk.standardized(flow.standardizer, x, dtype)
     budget = TimeBudget(time_budget, steps, already_used=used)
 
     def emit(**kw) -> None:
@@ -668,7 +670,7 @@ def fit(
         later = range(first_block + (state is not None), len(hs))
         parallel_steps = cfg.train.steps_for(len(hs))
         parallel = train_parallel_blocks(
-            flow.standardizer(x),
+            flow.standardizer(x.to(device, dtype)),  # the data themselves, also when the pools are on disk
             hs,
             cfg.train,
             blocks=[n for n in later if hs[n] is not None],
