@@ -5,7 +5,8 @@ h = 0.15, 0.195, 0.2535, and the free block; an MLP 128x3 per block; rk4 x6 per 
 pushforward). Each variant changes one ingredient: the number of OU blocks, their step sizes, the
 free block (without it the chain ends where the OU process has got to, the theory's setting), the
 warm start, the interpolant and the law of the training time. Every variant trains with
-``localfm.fit`` for the same wall-clock budget (pushforward included) on the same training subset
+``localfm.fit`` for the same wall-clock budget (pushforward included; the config's step counts are
+lifted so that the budget, shared equally among the blocks, decides) on the same training subset
 and seed, then its test NLL is taken with dopri5 (rtol = atol = 1e-5) on the same test points, so
 ``delta`` (variant minus default, point by point) has a paired standard error. One training seed:
 the paired error covers the test points, not the training noise. Variants with another number of
@@ -76,6 +77,7 @@ def variant_config(changes: dict, width: int | None = None) -> dict:
     base.pop("data", None)
     base["net"]["width"] = width or base["net"]["width"]
     cfg = {group: {**base.get(group, {}), **changes.get(group, {})} for group in base}
+    cfg["train"]["steps"] = 10**8  # the wall-clock budget decides, shared equally among the blocks
     n_base, n = (len(c["blocks"]["h"]) + c["blocks"].get("free_block", True) for c in (base, cfg))
     if n != n_base:  # the width whose n blocks come closest to the default's parameter count
         target, width = n_base * C.mlp_params(DIM, base["net"]), 8
