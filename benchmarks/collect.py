@@ -23,6 +23,7 @@ HEADLINES = {
         "Suite 2, POWER, LFM with a consistent (dopri5) pushforward",
         ["Test NLL (full test split unless n_test says otherwise)"],
     ),
+    "ablation_power": ("Suite 2, POWER, ablation of LFM's ingredients", ["Variants"]),
 }
 
 
