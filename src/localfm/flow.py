@@ -39,7 +39,7 @@ def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None)
     if event_shape is not None and tuple(x.shape[1:]) != tuple(event_shape):
         raise ValueError(f"{name} has points of shape {tuple(x.shape[1:])}, the model expects {tuple(event_shape)}")
     if x.is_floating_point():
-        for start, part in _row_chunks(x):  # a memory-mapped data set is checked piece by piece
+        for start, part in row_chunks(x):  # a memory-mapped data set is checked piece by piece
             bad = ~torch.isfinite(part)
             if bad.any():
                 idx = (start + int(bad.nonzero()[0][0]), *(int(i) for i in bad.nonzero()[0][1:]))
@@ -50,7 +50,7 @@ def check_data(x: Tensor, name: str, event_shape: tuple[int, ...] | None = None)
 _ONE_PIECE = 1 << 26  # bytes of float64 copy up to which Standardizer.fit works on the data in one piece
 
 
-def _row_chunks(x: Tensor, nbytes: int = 1 << 26):
+def row_chunks(x: Tensor, nbytes: int = 1 << 26):
     """``(start, x[start:start + k])`` over the rows of ``x``, about ``nbytes`` at a time."""
     k = max(1, nbytes // max(1, x[0].numel() * x.element_size()))
     for start in range(0, x.shape[0], k):
@@ -112,8 +112,8 @@ class Standardizer(nn.Module):
         else:  # in pieces (two passes), so a large or memory-mapped data set is never copied whole
             dims = (0,) if per_coordinate else tuple(range(x.dim()))
             count = x.shape[0] * (1 if per_coordinate else x[0].numel())
-            mean = sum(part.double().sum(dims) for _, part in _row_chunks(x, 1 << 23)) / count
-            sq = sum((part.double() - mean).pow(2).sum(dims) for _, part in _row_chunks(x, 1 << 23))
+            mean = sum(part.double().sum(dims) for _, part in row_chunks(x, 1 << 23)) / count
+            sq = sum((part.double() - mean).pow(2).sum(dims) for _, part in row_chunks(x, 1 << 23))
             scale = (sq / max(count - 1, 1)).sqrt()
             mean, scale = mean.expand(x.shape[1:]).clone(), scale.expand(x.shape[1:]).clone()
         scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import CheckpointError
+from .flow import row_chunks
 
 __all__ = ["DiskPools", "PoolFile", "PoolWriter", "open_pool", "wants_disk", "free_memory"]
 
@@ -135,9 +136,8 @@ def open_pool(path: Path, sha256: str | None = None) -> Tensor:
         )
     pool = torch.from_numpy(array)
     if sha256 is not None:
-        rows = max(1, _CHUNK // max(1, array[0].nbytes))
-        for i in range(0, len(pool), rows):
-            if not bool(torch.isfinite(pool[i : i + rows]).all()):
+        for _, part in row_chunks(pool, _CHUNK):
+            if not bool(torch.isfinite(part).all()):
                 raise CheckpointError(f"{path}: the pool holds non-finite values")
     return pool
 
@@ -159,11 +159,10 @@ class DiskPools:
     def standardized(self, standardize, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, PoolFile]:
         """Pool 0, the standardised data, written in batches from ``x`` wherever it is."""
         device = standardize.mean.device
-        rows = max(1, _CHUNK // max(1, x[0].numel() * x.element_size()))
 
         def fill(out: Tensor) -> None:
-            for i in range(0, len(x), rows):
-                out[i : i + rows] = standardize(x[i : i + rows].to(device, dtype)).to(out.device)
+            for i, part in row_chunks(x, _CHUNK):
+                out[i : i + len(part)] = standardize(part.to(device, dtype)).to(out.device)
 
         return self.write(0, tuple(x.shape), dtype, fill)
 
@@ -171,11 +170,10 @@ class DiskPools:
         """A resumed run's pool: its own file when it is already here, else a copy written here."""
         if file is not None and file.path.parent.resolve() == self.folder.resolve():
             return pool, file
-        rows = max(1, _CHUNK // max(1, pool[0].numel() * pool.element_size()))
 
         def fill(out: Tensor) -> None:
-            for i in range(0, len(pool), rows):
-                out[i : i + rows] = pool[i : i + rows].to(out.device)
+            for i, part in row_chunks(pool, _CHUNK):
+                out[i : i + len(part)] = part.to(out.device)
 
         return self.write(block, tuple(pool.shape), pool.dtype, fill)
 
