@@ -62,6 +62,7 @@ SUITE = C.Suite(
         "net": {"width": 64, "depth": 3, "activation": "softplus", "beta": 20.0},
         "blocks": {"schedule": "list", "h": [0.15, 0.195, 0.2535], "free_block": True},
         "solver": LFM_SOLVER,
+        "train": {"interpolant": "linear"},  # FM, its twin, too
     },
     ode_solver=SOLVER,
     nsf={"transforms": 5, "hidden_features": [64, 64]},
@@ -76,7 +77,7 @@ DEMO_LFM = {
     "net": DEMO["net"],
     "blocks": DEMO["blocks"],
     "solver": DEMO["solver"],
-    "train": {k: DEMO["train"][k] for k in ("steps", "warmup", "push_points")},
+    "train": {k: DEMO["train"][k] for k in ("steps", "warmup", "push_points", "interpolant")},
 }
 
 S_TABLE = "Gap to the true entropy per dataset (paired gap, nats; lower is better)"

@@ -61,7 +61,7 @@ VARIANTS = (
         {"blocks": {"h": [0.15, 0.3, 0.6, 1.2], "free_block": False}},
     ),
     ("no warm start", "train.warm_start: false (each block from a fresh network)", {"train": {"warm_start": False}}),
-    ("linear interpolant", "train.interpolant: linear (default trig)", {"train": {"interpolant": "linear"}}),
+    ("trig interpolant", "train.interpolant: trig (the authors'; default linear)", {"train": {"interpolant": "trig"}}),
     (
         "beta(0.5, 0.5) time",
         "train.time_dist: beta, a = b = 0.5 (more weight at both ends)",

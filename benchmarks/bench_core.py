@@ -188,7 +188,7 @@ class BareLoop:
     """The training step of ``fit`` with nothing around it, resumable ``steps`` at a time.
 
     Same network and initialisation as ``fit``'s first block (``build_net`` under ``seed``), same
-    pairs: ``randint`` into the pool, ``randn`` noise, exact OU step, uniform t, trig interpolant,
+    pairs: ``randint`` into the pool, ``randn`` noise, exact OU step, uniform t, linear interpolant,
     MSE, Adam at a constant learning rate.
     """
 
@@ -207,9 +207,8 @@ class BareLoop:
             x_l = pool[torch.randint(pool.shape[0], (batch,), generator=gen)]
             x_r = self.a * x_l + self.b * torch.randn(x_l.shape, generator=gen)
             t = torch.rand(batch, generator=gen)
-            s = (t * (math.pi / 2)).unsqueeze(1)
-            x_t = torch.cos(s) * x_l + torch.sin(s) * x_r
-            dx_t = (math.pi / 2) * (torch.cos(s) * x_r - torch.sin(s) * x_l)
+            dx_t = x_r - x_l
+            x_t = x_l + t.unsqueeze(1) * dx_t
             loss = (net(x_t, t) - dx_t).pow(2).mean()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

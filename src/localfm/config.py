@@ -109,7 +109,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     ema: float | None = None
-    interpolant: str = "trig"
+    interpolant: str = "linear"
     time_dist: str = "uniform"
     time_a: float = 1.0
     time_b: float = 1.0
