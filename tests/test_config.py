@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from localfm import BlocksConfig, FlowConfig, SolverConfig, TrainConfig, load_config
 from localfm.config import from_dict, set_option, to_dict
-from localfm.nets import NetConfig
+from localfm.nets import NetConfig, build_net
 
 
 def test_defaults_and_round_trip_through_yaml(tmp_path):
@@ -168,3 +170,32 @@ def test_direct_construction_rejects_non_finite_values():
         TrainConfig(weight_decay=float("nan"))
     with pytest.raises(ValueError, match="net.beta"):
         NetConfig(beta=float("nan"))
+
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"), [("tree", 2), ("rose", 2), ("power", 6), ("gas", 8), ("miniboone", 43), ("bsds300", 63)]
+)
+def test_authors_configs_keep_trig_and_pair_with_an_fm_twin_of_equal_size(name: str, dim: int) -> None:
+    """configs/NAME.yaml follows the authors' setting (trig interpolant, written out since the library's
+    default is linear); NAME_fm.yaml is one block with the same total parameters and the same recipe."""
+    total = {}
+    for twin in (name, f"{name}_fm"):
+        cfg = load_config(_CONFIGS / f"{twin}.yaml")
+        assert cfg.train.interpolant == "trig", twin
+        with torch.device("meta"):
+            per_block = sum(p.numel() for p in build_net(dim, cfg.net).parameters())
+        total[twin] = (per_block * len(cfg.blocks.steps()), cfg)
+    (lfm_params, lfm), (fm_params, fm) = total[name], total[f"{name}_fm"]
+    assert len(lfm.blocks.steps()) > 1 and fm.blocks.steps() == [None]
+    assert abs(lfm_params / fm_params - 1) < 0.01
+    # not warm_start: FM has no earlier block to start from
+    same = ("batch_size", "lr", "lr_schedule", "gamma", "time_dist", "time_a", "time_b")
+    assert {k: getattr(lfm.train, k) for k in same} == {k: getattr(fm.train, k) for k in same}
+
+
+def test_library_default_interpolant_is_linear() -> None:
+    assert TrainConfig().interpolant == "linear"
+    assert load_config({}).train.interpolant == "linear"

@@ -71,9 +71,8 @@ class Recorder(nn.Module):
 
 def test_draws_per_pair_share_the_pair_with_independent_times():
     K, B = 3, 64
-    cfg = tiny_config(
-        train={"draws_per_pair": K, "batch_size": B, "steps": 15, "interpolant": "trig"}, blocks={"h": [], "free_block": True}
-    )
+    train = {"draws_per_pair": K, "batch_size": B, "steps": 15, "interpolant": "trig"}
+    cfg = tiny_config(train=train, blocks={"h": [], "free_block": True})
     nets = []
     localfm.fit(data(), cfg, net_factory=lambda d, c: nets.append(Recorder(d, c)) or nets[-1])
     (rec,) = nets

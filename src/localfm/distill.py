@@ -8,11 +8,12 @@ scheme that runs, like the teacher's inverse, from ``t = 1`` to ``t = 0``::
     x^(0) = x_b,    x^(j+1) = x^(j) - (1/k) G(x^(j), t_j),    t_j = 1 - j/k,    x_{a-1} ~ x^(k)
 
 ``G`` has the block network's architecture. Initialised from the teacher's weights as they are
-(``init="teacher"``) the student starts as the teacher's own k-step Euler solve; but LFM blocks use
-the trig interpolant, whose paths between two nearby points bulge out and come back, so one Euler
-step of a block is far off (benchmarks/results/distill_tree_ablation.md) while the block's map is close
-to the identity. The default ``init="identity"`` therefore keeps the teacher's weights but zeroes the
-output layer: the student starts as the identity map, with the teacher's features.
+(``init="teacher"``) the student starts as the teacher's own k-step Euler solve; but with the trig
+interpolant (the authors') a block's paths between two nearby points bulge out and come back, so
+one Euler step of a block is far off (benchmarks/results/distill_tree_ablation.md) while the block's
+map is close to the identity. The default ``init="identity"`` therefore keeps the teacher's
+weights but zeroes the output layer: the student starts as the identity map, with the teacher's
+features.
 
 Students are trained one after another by regression, ``min E || G_k(x_in) - x_{a-1} ||^2``,
 noise side first, on teacher trajectories from two sources:
