@@ -113,6 +113,9 @@ def parse_args() -> argparse.Namespace:
     _common.add_suite_options(p, "CI smoke run: tiny data and budgets, seconds")
     p.add_argument("--lfm-pool", type=int, default=None, help="ablation: LFM trains on (and pushes) N points only")
     p.add_argument(
+        "--lfm-push-points", type=int, default=None, help="LFM's block 1 trains on all points, N of them are pushed"
+    )
+    p.add_argument(
         "--lfm-recipe",
         choices=("plain", "demo"),
         default="plain",
@@ -129,6 +132,8 @@ def parse_args() -> argparse.Namespace:
     a.name = "2d_tiny" if a.tiny else "2d" + ("" if a.budget == 40.0 else f"_{a.budget:g}s")
     if a.lfm_pool:
         a.name += f"_lfmpool{a.lfm_pool}"
+    if a.lfm_push_points:
+        a.name += f"_lfmpush{a.lfm_push_points}"
     if a.lfm_recipe != "plain":
         a.name += f"_{a.lfm_recipe}"
     return a
@@ -316,6 +321,9 @@ def main() -> None:
         SUITE = dataclasses.replace(SUITE, lfm_pool=a.lfm_pool)
     if a.lfm_recipe == "demo":
         SUITE = dataclasses.replace(SUITE, lfm=DEMO_LFM)
+    if a.lfm_push_points:  # train.push_points; FM, the twin, has nothing to push
+        train = {**SUITE.lfm.get("train", {}), "push_points": a.lfm_push_points}
+        SUITE = dataclasses.replace(SUITE, lfm={**SUITE.lfm, "train": train})
     entropies = rows.setdefault("entropies", {})
     best: dict[str, C.Setting] = {}
     t_start = time.perf_counter()
@@ -334,7 +342,8 @@ def main() -> None:
         write_results(
             a.name,
             "Suite 1: 2-D densities, all contenders at an equal budget (issue 5)"
-            + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else ""),
+            + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else "")
+            + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else ""),
             meta,
             sections(a, rows, best, missing),
             notes=notes,
