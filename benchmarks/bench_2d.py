@@ -62,7 +62,6 @@ SUITE = C.Suite(
         "net": {"width": 64, "depth": 3, "activation": "softplus", "beta": 20.0},
         "blocks": {"schedule": "list", "h": [0.15, 0.195, 0.2535], "free_block": True},
         "solver": LFM_SOLVER,
-        "train": {"interpolant": "linear"},  # FM, its twin, too
     },
     ode_solver=SOLVER,
     nsf={"transforms": 5, "hidden_features": [64, 64]},

@@ -44,6 +44,7 @@ import yaml  # noqa: E402
 
 import localfm  # noqa: E402
 from localfm import datasets, metrics  # noqa: E402
+from localfm.config import to_dict  # noqa: E402
 from localfm.distill import DistillConfig, distill, teacher_pairs  # noqa: E402
 from localfm.ode import SolverConfig  # noqa: E402
 
@@ -231,7 +232,9 @@ def load_data(s: Setting) -> tuple[torch.Tensor, torch.Tensor, object]:
 
 def train_teacher(s: Setting, x: torch.Tensor, fm: bool, cache: Path | None) -> tuple[localfm.LocalFlow, float]:
     cfg = s.flow_config(fm, x.shape[1])
-    key = hashlib.sha256(json.dumps([cfg, s.n_train, s.budget], sort_keys=True).encode()).hexdigest()[:12]
+    # the resolved config, defaults included: a changed library default must not reuse an old teacher
+    resolved = to_dict(localfm.load_config(cfg))
+    key = hashlib.sha256(json.dumps([resolved, s.n_train, s.budget], sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{s.data}-{'fm' if fm else 'lfm'}-{key}" if cache is not None else None
     if path is not None and path.is_dir():
         flow = localfm.load(path)

@@ -11,7 +11,7 @@ import yaml
 
 from localfm import BlocksConfig, FlowConfig, SolverConfig, TrainConfig, load_config
 from localfm.config import from_dict, set_option, to_dict
-from localfm.nets import NetConfig, build_net
+from localfm.nets import NetConfig, build_net, count_parameters
 
 
 def test_defaults_and_round_trip_through_yaml(tmp_path):
@@ -186,7 +186,7 @@ def test_authors_configs_keep_trig_and_pair_with_an_fm_twin_of_equal_size(name: 
         cfg = load_config(_CONFIGS / f"{twin}.yaml")
         assert cfg.train.interpolant == "trig", twin
         with torch.device("meta"):
-            per_block = sum(p.numel() for p in build_net(dim, cfg.net).parameters())
+            per_block = count_parameters(build_net(dim, cfg.net))
         total[twin] = (per_block * len(cfg.blocks.steps()), cfg)
     (lfm_params, lfm), (fm_params, fm) = total[name], total[f"{name}_fm"]
     assert len(lfm.blocks.steps()) > 1 and fm.blocks.steps() == [None]

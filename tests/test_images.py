@@ -30,7 +30,7 @@ from localfm.config import from_dict
 from localfm.datasets import bits_per_dim, dequantize
 from localfm.flow import Block, LocalFlow, Standardizer
 from localfm.metrics import nll_summary
-from localfm.nets import NetConfig, build_net
+from localfm.nets import NetConfig, build_net, count_parameters
 from localfm.ode import SolverConfig
 from localfm.unet import UNet
 
@@ -260,7 +260,7 @@ def test_image_configs_pair_lfm_with_an_fm_twin_of_equal_size(lfm: str, fm: str,
         assert cfg.net.kind == "unet" and cfg.train.interpolant == "linear" and cfg.train.grad_clip == 1.0
         assert cfg.train.ema and cfg.train.warmup > 0 and cfg.train.amp
         with torch.device("meta"):
-            per_block = sum(p.numel() for p in build_net(shape, cfg.net).parameters())
+            per_block = count_parameters(build_net(shape, cfg.net))
         hs = cfg.blocks.steps()
         total[name] = per_block * len(hs)
         steps = sum(cfg.train.steps_for(len(hs)))
