@@ -319,8 +319,10 @@ def render(name: str) -> Path:
         + (f", OMP_WAIT_POLICY={hw['omp_wait_policy']}" if "omp_wait_policy" in hw else "")
         + load,
         f"- seeds: {meta['seeds']}",
-        "",
     ]
+    if "rendered" in meta:  # tables recomputed later from the measurements, by a newer script
+        md.append(f"- rendered again: {meta['rendered']}")
+    md.append("")
     if payload.get("notes"):
         md += [payload["notes"], ""]
     section_notes = payload.get("section_notes", {})

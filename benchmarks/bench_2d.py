@@ -18,6 +18,7 @@ every run; a rerun skips what is already there (``--fresh`` starts over).
 
     python benchmarks/bench_2d.py                       # the suite, about an hour on one core
     python benchmarks/bench_2d.py --budget 60           # another budget (a separate results file)
+    python benchmarks/bench_2d.py --train-seeds 0 1 2 --datasets moons --contenders LFM FM  # more seeds
     python benchmarks/bench_2d.py --tiny --out DIR      # CI smoke run, seconds
 
 Peers: ``pip install zuko`` (or the ``bench`` extra) and ``pip install --no-deps torchcfm`` (never
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,8 +87,10 @@ S_ROWS = "All runs (best setting of each contender)"
 S_SWEEP = "Tuning sweep (validation NLL at the same budget)"
 NOTES = {
     S_TABLE: "Paired gap = mean over the test points of `log p_true - log p_model`, an estimate of "
-    "KL(data || model) (its standard error in brackets); `LFM<=FM`: LFM's gap is no larger than FM's "
-    "(the same test points for both, so this is LFM's test NLL against FM's).",
+    "KL(data || model), averaged over the training seeds (`seeds`: how many each contender has); in "
+    "brackets its standard error, between seeds where there are several (retraining moves a gap by more "
+    "than the test points' error), else over the test points. `LFM<=FM`: the mean over the seeds both "
+    "have of LFM's gap minus FM's (the same test points, so of LFM's test NLL minus FM's) is at most 0.",
     S_ROWS: "`nll` ± `nll_se`: test NLL (nats) on the whole test split; `H`: true entropy (Monte Carlo, "
     "200k points); `nll-H` carries the test sample's noise, `paired_gap` much less. `train_s`: wall-clock "
     "of training (pushforward included, `push_s`); `nfe/sample`: network evaluations per sample (ODE "
@@ -109,6 +113,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--n-samples", type=int, default=10_000)
     p.add_argument("--n-check", type=int, default=5_000, help="test points of the solver check")
+    p.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training seeds (default: --seed); the data stay those of --seed, results average over seeds",
+    )
     _common.add_suite_options(p, "CI smoke run: tiny data and budgets, seconds")
     p.add_argument("--lfm-pool", type=int, default=None, help="ablation: LFM trains on (and pushes) N points only")
     p.add_argument(
@@ -121,12 +132,14 @@ def parse_args() -> argparse.Namespace:
         help="LFM's recipe: plain MLP blocks (default) or the demo's (Fourier features, 9 blocks); FM is its twin",
     )
     p.add_argument("--sweep-from", default=None, help="reuse the sweep of results/NAME.json (e.g. 2d)")
+    p.add_argument("--render", action="store_true", help="rewrite the results files from their rows, nothing else")
     a = p.parse_args()
     if a.tiny:
         a.budget, a.sweep_budget = 1.0, 0.5
         a.sweep_data, a.datasets = ["8gaussians"], ["8gaussians", "moons"]
         a.lrs, a.batches, a.n_samples, a.n_check = [1e-3, 3e-3], [256], 500, 200
     a.sweep_budget = a.sweep_budget or a.budget
+    a.train_seeds = a.train_seeds or [a.seed]
     a.sizes = (4_000, 500, 1_000) if a.tiny else None
     a.name = "2d_tiny" if a.tiny else "2d" + ("" if a.budget == 40.0 else f"_{a.budget:g}s")
     if a.lfm_pool:
@@ -159,8 +172,14 @@ def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
                 sweep.append({**key, "val_nll": summary["nll"], "val_se": summary["nll_se"], "steps": tr.steps})
                 print(f"[2d sweep] {data} {name} {s.label}: val NLL {summary['nll']:.4f}", flush=True)
                 publish()
+    return choose_best(a, sweep, a.contenders)
+
+
+def choose_best(a, sweep: list[dict], names) -> dict[str, C.Setting]:
+    """Each contender's setting with the lowest mean validation NLL over the sweep datasets."""
+    grid = C.sweep_grid(a.lrs, a.batches)
     best = {}
-    for name in a.contenders:
+    for name in names:
         scores = {}
         for s in grid:
             vals = [
@@ -190,13 +209,14 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
         def true_lp(x, ds=ds):
             return torch.as_tensor(ds.log_prob(x.double().numpy()))
 
-        for name in rotated(a.contenders, i):
+        order = [(seed, name) for j, seed in enumerate(a.train_seeds) for name in rotated(a.contenders, i + j)]
+        for seed, name in order:
             s = best[name]
-            key = {"dataset": data, "contender": name, "budget": a.budget}
+            key = {"dataset": data, "contender": name, "budget": a.budget, "seed": seed}
             if C.find(runs, **key):
                 continue
-            tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.budget, seed=a.seed)
-            ev = C.evaluate(tr, x_test, n_samples=a.n_samples, seed=a.seed + 1, true_log_prob=true_lp)
+            tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.budget, seed=seed)
+            ev = C.evaluate(tr, x_test, n_samples=a.n_samples, seed=seed + 1, true_log_prob=true_lp)
             check = C.solver_check(tr, x_test[: a.n_check])
             row = {
                 **key,
@@ -224,47 +244,76 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
             }
             runs.append(row)
             print(
-                f"[2d] {data} {name}: NLL {ev['nll']:.4f} ± {ev['nll_se']:.4f}, gap {ev['paired_gap']:+.4f} "
-                f"± {ev['paired_gap_se']:.4f}, ED {ev['energy_distance']:.2e}, train {tr.train_s:.1f} s "
-                f"(push {tr.push_s:.1f}), {tr.steps} steps",
+                f"[2d] {data} {name} seed {seed}: NLL {ev['nll']:.4f} ± {ev['nll_se']:.4f}, "
+                f"gap {ev['paired_gap']:+.4f} ± {ev['paired_gap_se']:.4f}, ED {ev['energy_distance']:.2e}, "
+                f"train {tr.train_s:.1f} s (push {tr.push_s:.1f}), {tr.steps} steps",
                 flush=True,
             )
             publish()
 
 
-def sections(a, rows: dict, best: dict, missing: dict) -> dict:
+def seed_mean(rows: list[dict]) -> tuple[float, float]:
+    """Mean paired gap over training seeds and its standard error: between seeds when there are
+    several (training noise, larger than the test points' here), else the run's own."""
+    gaps = [r["paired_gap"] for r in rows]
+    if len(gaps) == 1:
+        return gaps[0], rows[0]["paired_gap_se"]
+    return statistics.fmean(gaps), statistics.stdev(gaps) / math.sqrt(len(gaps))
+
+
+def by_seed(runs: list[dict], data: str) -> dict[str, dict[int, dict]]:
+    """``{contender: {training seed: row}}`` of one dataset."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        if r["dataset"] == data:
+            out.setdefault(r["contender"], {})[r["seed"]] = r
+    return out
+
+
+def measured(runs: list[dict]) -> list[str]:
+    """The datasets with runs, in the registry's order (a pass over some of them rewrites all)."""
+    return [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
+
+
+def sections(a, rows: dict, missing: dict) -> dict:
     runs = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
+    swept = [n for n in C.CONTENDERS if any(r["contender"] == n for r in rows.get("sweep", []))]
+    best = choose_best(a, rows.get("sweep", []), swept)
     out: dict = {}
-    table, wins, compared = [], 0, 0
-    for data in a.datasets:
+    table, wins, compared, lfm_gap = [], 0, 0, {}
+    for data in measured(runs):
         line = {"dataset": data}
-        got = {r["contender"]: r for r in runs if r["dataset"] == data}
+        got = by_seed(runs, data)
         if not got:
             continue
-        line["H"] = next(iter(got.values()))["H"]
+        line["H"] = next(iter(next(iter(got.values())).values()))["H"]
+        means = {name: seed_mean(list(got[name].values())) for name in got}
         for name in C.CONTENDERS:
-            r = got.get(name)
-            line[name] = f"{r['paired_gap']:.3f} ({r['paired_gap_se']:.3f})" if r else "-"
+            line[name] = f"{means[name][0]:.3f} ({means[name][1]:.3f})" if name in means else "-"
+        line["seeds"] = ", ".join(f"{n}: {len(got[n])}" for n in C.CONTENDERS if n in got)
         if "LFM" in got and "FM" in got:
-            ok = got["LFM"]["nll"] <= got["FM"]["nll"]
-            line["LFM<=FM"] = ok
+            # the difference over the training seeds both have (paired by seed), or the two runs'
+            seeds = sorted(set(got["LFM"]) & set(got["FM"]))
+            diffs = [got["LFM"][k]["paired_gap"] - got["FM"][k]["paired_gap"] for k in seeds]
+            d = statistics.fmean(diffs)
+            if len(diffs) > 1:
+                se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            else:
+                se = math.hypot(*(got[n][seeds[0]]["paired_gap_se"] for n in ("LFM", "FM")))
+            line["LFM<=FM"] = d <= 0
             compared += 1
-            wins += ok
-            d = got["LFM"]["paired_gap"] - got["FM"]["paired_gap"]
-            se = math.hypot(got["LFM"]["paired_gap_se"], got["FM"]["paired_gap_se"])
-            line["LFM-FM"] = f"{d:+.3f} ± {se:.3f}"
-        best_name = min(got, key=lambda n: got[n]["nll"])
-        line["best"] = best_name
+            wins += d <= 0
+            line["LFM-FM"] = f"{d:+.3f} ± {se:.3f} ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})"
+        if "LFM" in means:
+            lfm_gap[data] = means["LFM"]
+        line["best"] = min(means, key=lambda n: means[n][0])
         table.append(line)
     out[S_TABLE] = table
     checks = {"LFM gap <= FM gap (datasets)": f"{wins} of {compared} (issue: at least 8 of 10)"}
     for data in TARGETS:
-        r = C.find(runs, dataset=data, contender="LFM")
-        if r:
-            checks[f"LFM gap on {data} <= 0.1"] = (
-                f"{r['paired_gap']:.3f} ± {r['paired_gap_se']:.3f} (NLL - H {r['nll-H']:.3f}): "
-                + ("yes" if r["paired_gap"] <= 0.1 else "no")
-            )
+        if data in lfm_gap:
+            g, se = lfm_gap[data]
+            checks[f"LFM gap on {data} <= 0.1"] = f"{g:.3f} ± {se:.3f}: " + ("yes" if g <= 0.1 else "no")
     lfm = [r for r in runs if r["contender"] == "LFM"]
     fm = [r for r in runs if r["contender"] == "FM"]
     if lfm and fm:
@@ -273,7 +322,8 @@ def sections(a, rows: dict, best: dict, missing: dict) -> dict:
     if missing:
         checks["skipped (package not installed)"] = ", ".join(missing)
     out[S_CHECKS] = checks
-    cols = ["dataset", "contender", "setting", "params", "nll", "nll_se", "H", "nll-H", "paired_gap", "paired_gap_se"]
+    cols = ["dataset", "contender", "seed", "setting", "params", "nll", "nll_se", "H", "nll-H"]
+    cols += ["paired_gap", "paired_gap_se"]
     cols += ["ED", "train_s", "push_s", "steps", "sample_s", "nfe/sample", "solver_diff", "load_1min"]
     out[S_ROWS] = [{c: r.get(c) for c in cols} for r in runs]
     sweep = []
@@ -290,14 +340,15 @@ def plot(a, rows: dict) -> None:
     if plt is None:
         return
     runs = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
-    data = [d for d in a.datasets if any(r["dataset"] == d for r in runs)]
+    data = measured(runs)
     if not data:
         return
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(C.CONTENDERS)
     for k, name in enumerate(C.CONTENDERS):
-        ys = [(C.find(runs, dataset=d, contender=name) or {}).get("paired_gap", math.nan) for d in data]
-        es = [(C.find(runs, dataset=d, contender=name) or {}).get("paired_gap_se", 0.0) for d in data]
+        got = [by_seed(runs, d).get(name) for d in data]
+        ys = [seed_mean(list(g.values()))[0] if g else math.nan for g in got]
+        es = [seed_mean(list(g.values()))[1] if g else 0.0 for g in got]
         ax.bar([i + k * width for i in range(len(data))], ys, width, yerr=es, label=name)
     ax.axhline(0.1, color="k", lw=0.7, ls="--")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(data))], data, rotation=20)
@@ -313,6 +364,8 @@ def main() -> None:
     threads = _common.start(a.out, a.threads)
     missing = C.check_peers(a, "2d")
     rows = {} if a.fresh else C.load_rows(a.name)
+    for r in rows.get("runs", []):
+        r.setdefault("seed", 0)  # rows from before training seeds were recorded: the default seed
     if a.sweep_from:
         rows["sweep"] = C.load_rows(a.sweep_from).get("sweep", [])
     global SUITE
@@ -326,17 +379,25 @@ def main() -> None:
     entropies = rows.setdefault("entropies", {})
     best: dict[str, C.Setting] = {}
     t_start = time.perf_counter()
-    meta = metadata({"data": a.seed, "training": a.seed, "sampling": a.seed + 1}, threads=threads)
+    meta = metadata({"data": a.seed, "training": a.train_seeds, "sampling": "training seed + 1"}, threads=threads)
 
     def publish() -> None:
         meta["hardware"] = _common.hardware()  # the load average at the time of writing
         suite = {"lfm": SUITE.lfm, "fm_net": SUITE.fm_net(2), "nsf": SUITE.nsf, "maf": SUITE.maf, "ode_solver": SOLVER}
         suite["lfm_pool"] = SUITE.lfm_pool
+        commands = rows.setdefault("commands", [])  # each pass (more datasets, more seeds) adds its command
+        if not a.render and _common.command_line() not in commands:
+            commands.append(_common.command_line())
+        meta["command"] = commands[0] if commands else _common.command_line()
+        meta["all_commands"] = commands
+        meta["seeds"]["training"] = sorted({r["seed"] for r in rows.get("runs", [])} | set(a.train_seeds))
         notes = (
             f"Budget {a.budget:g} s of wall-clock per contender per dataset (pushforward included), sweep at "
             f"{a.sweep_budget:g} s on {', '.join(a.sweep_data)} (validation split); {threads} torch thread(s), "
-            "2 shared cores. Run time so far "
-            f"{time.perf_counter() - t_start:.0f} s (this invocation)."
+            "2 shared cores. Commands: "
+            + "; ".join(f"`{c}`" for c in commands)
+            + "."
+            + ("" if a.render else f" Run time of the last so far {time.perf_counter() - t_start:.0f} s.")
         )
         write_results(
             a.name,
@@ -344,12 +405,16 @@ def main() -> None:
             + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else "")
             + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else ""),
             meta,
-            sections(a, rows, best, missing),
+            sections(a, rows, missing),
             notes=notes,
             section_notes=NOTES,
             raw={"rows": rows, "suite": suite, "budget": a.budget, "sweep_budget": a.sweep_budget},
         )
 
+    if a.render:
+        publish()
+        plot(a, rows)
+        return
     best.update(run_sweep(a, rows, publish))
     print("[2d] best settings: " + "; ".join(f"{n}: {s.label}" for n, s in best.items()), flush=True)
     run_main(a, rows, best, entropies, publish)

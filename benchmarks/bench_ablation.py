@@ -80,11 +80,7 @@ def variant_config(changes: dict, width: int | None = None) -> dict:
     cfg["train"]["steps"] = 10**8  # the wall-clock budget decides, shared equally among the blocks
     n_base, n = (len(c["blocks"]["h"]) + c["blocks"].get("free_block", True) for c in (base, cfg))
     if n != n_base:  # the width whose n blocks come closest to the default's parameter count
-        target, width = n_base * C.mlp_params(DIM, base["net"]), 8
-        total = lambda w: n * C.mlp_params(DIM, {**base["net"], "width": w})  # noqa: E731
-        while total(width) < target:
-            width += 1
-        cfg["net"]["width"] = min((width - 1, width), key=lambda w: abs(total(w) - target))
+        cfg["net"]["width"] = C.matched_width(DIM, base["net"], n_base * C.mlp_params(DIM, base["net"]), copies=n)
     return cfg
 
 

@@ -17,6 +17,7 @@ samples/s of the teacher (dopri5) and the students at the same batch, timed alte
     python benchmarks/bench_distill.py --data power    # POWER (d = 6), configs/power_cpu.yaml
     python benchmarks/bench_distill.py --quick --out DIR  # CI smoke run, under a minute
     python benchmarks/bench_distill.py --cache DIR     # keep trained teachers in DIR between runs
+    python benchmarks/bench_distill.py --teachers-only # the two teachers alone (minutes; own results file)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
 from _common import ROOT, interleaved, median, metadata, write_results  # noqa: E402
-from contenders import matched_width  # noqa: E402
+from contenders import BIG, fm_twin  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -53,7 +54,6 @@ from localfm.ode import SolverConfig  # noqa: E402
 
 
 TEACHER_SOLVER = SolverConfig("dopri5", rtol=1e-5, atol=1e-5)  # the issue's teacher; also the pairs' decodes
-BIG = 10_000_000  # optimiser steps that do not bind: the time budget decides
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,7 @@ class Setting:
         cfg["data"] = self.data
         shares = cfg["train"].get("steps")  # a list: the blocks' shares of the budget, kept
         cfg["train"]["steps"] = [BIG // 10_000 * n for n in shares] if isinstance(shares, list) else BIG
-        if fm:
-            cfg["train"]["steps"] = BIG
-            cfg["net"]["width"] = matched_width(dim, self.lfm["net"], self.n_lfm_blocks)
-            cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
-            cfg["train"].pop("push_points", None)
-        return cfg
-
-    @property
-    def n_lfm_blocks(self) -> int:
-        return len(localfm.load_config({"blocks": self.lfm["blocks"]}).blocks.steps())
+        return fm_twin(cfg, dim) if fm else cfg
 
 
 def _config(path: Path) -> dict:
@@ -304,6 +295,86 @@ def teacher_nfe(flow: localfm.LocalFlow, solver: SolverConfig, n: int) -> float:
     return float(sum(out.nfe))
 
 
+COST_NOTE = (
+    "`cost`: parameter-evaluations per sample (`nfe` times the evaluated network's parameters; an LFM "
+    "network is a block's share of the parameters, so at equal `nfe` LFM samples with less compute)."
+)
+
+
+def network_cost(row: dict, log: dict) -> float:
+    """Parameter-evaluations per sample: network evaluations times the size of the network evaluated
+    (an MLP's multiply-adds per point are about its parameter count). A student or an rk4 solve
+    evaluates networks of its teacher's block size; at equal evaluations LFM's (a block's share of
+    the parameters) cost less than FM's, so this is the measure of equal sampling compute."""
+    if row["kind"] == "data":
+        return 0.0
+    t = log["teachers"][row["model"].split()[0]]
+    return row["nfe"] * t["parameters"] / t["blocks"]
+
+
+def issue_figures(rows: list[dict], speed: list[dict], lfm1: str) -> list[dict]:
+    """The figures the issue asks for, with paired differences over seeds (see `paired`); ``rows``
+    carry ``per_seed_*`` and ``cost``, ``lfm1`` names the one-step-per-block LFM student."""
+    by = {r["model"]: r for r in rows}
+    teacher = next(r for r in rows if r["kind"] == "LFM teacher dopri5")
+    figures = []
+    for name in [lfm1] + [n for n in by if by[n]["kind"] == "LFM merged student"]:
+        r = by[name]
+        s_ed, t_ed = r["energy_distance"], teacher["energy_distance"]
+        if t_ed > 0:
+            measured, reached = f"{s_ed / t_ed:.3g} ({s_ed:.3g} / {t_ed:.3g})", bool(s_ed <= 1.5 * t_ed)
+        else:  # an estimate at or below 0: as close to the test set as fresh data; no ratio to take
+            measured, reached = f"undefined: teacher {t_ed:.3g} <= 0, student {s_ed:.3g}", None
+        figures.append(
+            {
+                "figure": f"ED({name}, {r['nfe']} NFE) / ED(LFM teacher dopri5)",
+                "target": "<= 1.5" if name == lfm1 else "(extra)",
+                "measured": measured,
+                "reached": reached,
+                "note": f"paired difference over seeds: ED {paired(r, teacher, 'ed')}, "
+                f"fine MMD {paired(r, teacher, 'mmd_fine')}",
+            }
+        )
+    figures.append(
+        {
+            "figure": "samples/s LFM k=1 / teacher dopri5",
+            "target": ">= 20",
+            "measured": f"{speed[1]['speed-up vs teacher (wall)']:.3g} (wall clock), "
+            f"{speed[1]['speed-up vs teacher (cpu)']:.3g} (CPU time)",
+            "reached": bool(speed[1]["speed-up vs teacher (wall)"] >= 20),
+            "note": f"batch {speed[0]['batch']}",
+        }
+    )
+    fm_rows = sorted((r for r in rows if r["kind"] == "FM student"), key=lambda r: r["nfe"])
+    lfm_rows = [r for r in rows if r["kind"] in ("LFM student", "LFM merged student")]
+    # The strict comparisons: the FM student with at least as many evaluations (else the largest), then
+    # the one with at least the same network cost (parameter-evaluations per sample).
+    for measure, unit, target in (("nfe", "NFE", "LFM lower ED"), ("cost", "param-evals", "(context) LFM lower ED")):
+        for r in lfm_rows if fm_rows else []:
+            f = next((f for f in fm_rows if f[measure] >= r[measure]), fm_rows[-1])
+            figures.append(
+                {
+                    "figure": f"{r['model']} ({r[measure]:,.0f} {unit}) vs {f['model']} ({f[measure]:,.0f} {unit})",
+                    "target": target,
+                    "measured": f"ED {r['energy_distance']:.3g} vs {f['energy_distance']:.3g}",
+                    "reached": r["energy_distance"] < f["energy_distance"],
+                    "note": f"paired LFM - FM: ED {paired(r, f, 'ed')}, MMD {paired(r, f, 'mmd')}, "
+                    f"fine MMD {paired(r, f, 'mmd_fine')}",
+                }
+            )
+    teachers = [teacher, next(r for r in rows if r["kind"] == "FM teacher dopri5")]
+    figures.append(
+        {
+            "figure": "LFM teacher vs FM teacher (dopri5)",
+            "target": "(context)",
+            "measured": f"ED {teachers[0]['energy_distance']:.3g} vs {teachers[1]['energy_distance']:.3g}",
+            "reached": teachers[0]["energy_distance"] < teachers[1]["energy_distance"],
+            "note": f"paired LFM - FM: ED {paired(*teachers, 'ed')}, fine MMD {paired(*teachers, 'mmd_fine')}",
+        }
+    )
+    return figures
+
+
 def distil_config(s: Setting, k: int, m: int, **changes) -> DistillConfig:
     """The benchmark's distillation settings: ``s.student_steps`` optimiser steps for every student."""
     return DistillConfig(
@@ -505,6 +576,56 @@ def ablate(s: Setting, args, threads: int) -> None:
     print(f"total {total:.0f} s", flush=True)
 
 
+def write_teachers(s: Setting, rows: list[dict], log: dict, check: list, threads: int, total: float) -> None:
+    """``--teachers-only``: the two teachers' sample quality and test NLL, paired LFM - FM."""
+    lfm, fm = (next(r for r in rows if r["kind"] == f"{label} teacher dopri5") for label in ("LFM", "FM"))
+    nll_se = math.hypot(lfm["test_nll_se"], fm["test_nll_se"])
+    comparison = {
+        "energy distance, LFM - FM (paired over seeds)": paired(lfm, fm, "ed"),
+        "MMD, LFM - FM": paired(lfm, fm, "mmd"),
+        "fine MMD, LFM - FM": paired(lfm, fm, "mmd_fine"),
+        "test NLL, LFM - FM (own solvers)": f"{lfm['test_nll'] - fm['test_nll']:+.4f} ± {nll_se:.4f}",
+    }
+    name = f"distill_{s.data}_teachers"
+    t = log["teachers"]
+    notes = (
+        f"The teachers of `bench_distill.py --data {s.data}` alone, {s.budget:g} s each (pushforward included): "
+        f"LFM, {t['LFM']['blocks']} blocks, {t['LFM']['parameters']:,} parameters, steps per block "
+        f"{t['LFM']['steps']}; FM, {t['FM']['parameters']:,} parameters, {sum(t['FM']['steps']):,} steps. "
+        f"Samples by dopri5 (1e-5): {s.n_eval} against {s.n_eval} test points, seeds {list(s.seeds)}; "
+        f"`test_nll` on those test points with each model's own solver. Run time {total:.0f} s."
+    )
+    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    meta = metadata({"teacher fit": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
+    write_results(
+        name,
+        f"Distillation teachers (issue 6): {s.data}",
+        meta,
+        {"Teachers": table, "LFM against FM": comparison},
+        notes=notes,
+        raw={"log": log, "metric_check": check},
+    )
+    print(f"wrote results/{name}.md", flush=True)
+
+
+def render_saved(name: str) -> None:
+    """Recompute the figures of ``results/<name>.json`` from its measurements (rows, per-seed metrics,
+    speed, the teachers' sizes): a newer script's figures for a run already made, nothing retrained."""
+    payload = json.loads((_common.RESULTS / f"{name}.json").read_text())
+    sec, raw = payload["sections"], payload["raw"]
+    rows = []
+    for r in sec["Quality vs network evaluations"]:
+        row = r | {f"per_seed_{k}": v for k, v in raw["per_seed"][r["model"]].items()}
+        rows.append(row | {"cost": network_cost(row, raw["log"])})
+    lfm1 = next(r["model"] for r in rows if r["kind"] == "LFM student" and r["model"].startswith("LFM student k=1"))
+    sec["Figures"] = issue_figures(rows, sec["Sampling speed"], lfm1)
+    sec["Quality vs network evaluations"] = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    meta = payload["meta"]
+    meta["rendered"] = f"{metadata({})['date']} at {_common.git_revision()} by `{_common.command_line()}`"
+    notes = payload["notes"] if COST_NOTE in payload["notes"] else f"{payload['notes']}\n\n{COST_NOTE}"
+    write_results(name, payload["title"], meta, sec, notes=notes, section_notes=payload["section_notes"], raw=raw)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -516,9 +637,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep trained teachers in between runs")
     parser.add_argument("--ablate", action="store_true", help="ablations of the LFM k=1 student (own results file)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--render", action="store_true", help="recompute the figures of the saved results, no runs")
+    parser.add_argument("--teachers-only", action="store_true", help="train (or load) and score the teachers only")
     args = parser.parse_args()
     s = SETTINGS["quick" if args.quick else args.data]()
     threads = _common.start(args.out, args.threads)
+    if args.render:
+        return render_saved("distill_quick" if args.quick else f"distill_{s.data}")
     if args.ablate:
         return ablate(s, args, threads)
     t_start = time.perf_counter()
@@ -561,6 +686,10 @@ def main() -> None:
             check,
         )
         rows.append(row | {"kind": f"{label} teacher dopri5"})
+        if args.teachers_only:
+            nll = metrics.nll_summary(flow.log_prob(x_test).double())  # the teacher's own solver
+            rows[-1] |= {"test_nll": nll["nll"], "test_nll_se": nll["nll_se"], "fit_s": fit_s}
+            continue
         for k in s.rk4_steps if not fm else s.rk4_steps[-1:]:
             solver = SolverConfig("rk4", steps=k)
             row = evaluate(
@@ -578,6 +707,8 @@ def main() -> None:
         log["teachers"][label]["pairs_s"] = time.perf_counter() - t0
         specs = s.lfm_students if not fm else tuple((k, 1) for k in s.fm_students)
         distil_all(flow, pairs, specs, s, label, rows, ref, check, models, log)
+    if args.teachers_only:
+        return write_teachers(s, rows, log, check, threads, time.perf_counter() - t_start)
     for r in rows:
         if r["kind"] == "LFM student" and "merged" in r["model"]:
             r["kind"] = "LFM merged student"
@@ -609,63 +740,9 @@ def main() -> None:
             f"  {r['model']:38s} {r['samples_per_s']:.0f} samples/s, x{r['speed-up vs teacher (wall)']:.1f}", flush=True
         )
 
-    # The figures the issue asks for, with paired differences over seeds (see `paired`).
-    by = {r["model"]: r for r in rows}
-    teacher = next(r for r in rows if r["kind"] == "LFM teacher dopri5")
-    figures = []
-    for name in [lfm1] + [n for n in by if by[n]["kind"] == "LFM merged student"]:
-        r = by[name]
-        s_ed, t_ed = r["energy_distance"], teacher["energy_distance"]
-        if t_ed > 0:
-            measured, reached = f"{s_ed / t_ed:.3g} ({s_ed:.3g} / {t_ed:.3g})", bool(s_ed <= 1.5 * t_ed)
-        else:  # an estimate at or below 0: as close to the test set as fresh data; no ratio to take
-            measured, reached = f"undefined: teacher {t_ed:.3g} <= 0, student {s_ed:.3g}", None
-        figures.append(
-            {
-                "figure": f"ED({name}, {r['nfe']} NFE) / ED(LFM teacher dopri5)",
-                "target": "<= 1.5" if name == lfm1 else "(extra)",
-                "measured": measured,
-                "reached": reached,
-                "note": f"paired difference over seeds: ED {paired(r, teacher, 'ed')}, "
-                f"fine MMD {paired(r, teacher, 'mmd_fine')}",
-            }
-        )
-    figures.append(
-        {
-            "figure": "samples/s LFM k=1 / teacher dopri5",
-            "target": ">= 20",
-            "measured": f"{speed[1]['speed-up vs teacher (wall)']:.3g} (wall clock), "
-            f"{speed[1]['speed-up vs teacher (cpu)']:.3g} (CPU time)",
-            "reached": bool(speed[1]["speed-up vs teacher (wall)"] >= 20),
-            "note": f"batch {s.n_eval}",
-        }
-    )
-    fm_rows = sorted((r for r in rows if r["kind"] == "FM student"), key=lambda r: r["nfe"])
     for r in rows:
-        if r["kind"] not in ("LFM student", "LFM merged student") or not fm_rows:
-            continue
-        # The strict comparison: the FM student with at least as many evaluations (else the largest).
-        f = next((f for f in fm_rows if f["nfe"] >= r["nfe"]), fm_rows[-1])
-        figures.append(
-            {
-                "figure": f"{r['model']} ({r['nfe']} NFE) vs {f['model']} ({f['nfe']} NFE)",
-                "target": "LFM lower ED",
-                "measured": f"ED {r['energy_distance']:.3g} vs {f['energy_distance']:.3g}",
-                "reached": r["energy_distance"] < f["energy_distance"],
-                "note": f"paired LFM - FM: ED {paired(r, f, 'ed')}, MMD {paired(r, f, 'mmd')}, "
-                f"fine MMD {paired(r, f, 'mmd_fine')}",
-            }
-        )
-    teachers = [teacher, next(r for r in rows if r["kind"] == "FM teacher dopri5")]
-    figures.append(
-        {
-            "figure": "LFM teacher vs FM teacher (dopri5)",
-            "target": "(context)",
-            "measured": f"ED {teachers[0]['energy_distance']:.3g} vs {teachers[1]['energy_distance']:.3g}",
-            "reached": teachers[0]["energy_distance"] < teachers[1]["energy_distance"],
-            "note": f"paired LFM - FM: ED {paired(*teachers, 'ed')}, fine MMD {paired(*teachers, 'mmd_fine')}",
-        }
-    )
+        r["cost"] = network_cost(r, log)
+    figures = issue_figures(rows, speed, lfm1)
     verdict = {True: "reached", False: "NOT reached", None: "undecided"}
     for f in figures:
         print(f"  {f['figure']}: {f['measured']} (target {f['target']}): {verdict[f['reached']]}")
@@ -688,8 +765,8 @@ def main() -> None:
         f"does), pairs from {s.data_pairs} pushed training points and {s.generation_pairs} teacher decodes "
         f"(dopri5, 1e-5) of fresh noise, half of each minibatch each. Metrics: {s.n_eval} samples against "
         f"{s.n_eval} test points, mean and standard deviation over seeds {list(s.seeds)}; `nfe` is network "
-        "evaluations per sample (dopri5: measured on one batch). The machine is shared with other jobs: "
-        "speed ratios come from variants timed alternately (medians)."
+        f"evaluations per sample (dopri5: measured on one batch). {COST_NOTE} The machine is shared with other "
+        "jobs: speed ratios come from variants timed alternately (medians)."
     )
     meta = metadata({"teacher fit": 0, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
     png = _common.RESULTS / f"{name}.png"

@@ -106,6 +106,11 @@ NOTES = {
     S_REACH: "Read off the learning curves (each model's own rk4 solver), linearly between checkpoints. The "
     "issue asks for at most half of FM's time; with rk4's optimism differing between models (solver check) "
     "this is evidence only where the margin exceeds that difference.",
+    "Summary": "Test-NLL differences ± the combined standard error, at equal budgets. `LFM (dopri5)`: the LFM "
+    "rows of `power_lfm-dopri5.json` (``--lfm-solver dopri5``: pushforward, likelihood and samples with dopri5), "
+    "compared here with this file's contenders. `LFM at b s - FM at B s`: a whole LFM run with at most half of "
+    "FM's largest budget against FM's run at that budget, the issue's training-efficiency claim without the "
+    "learning curves' solver caveat.",
     S_SOLVER: "Each ODE model's NLL with the solver it was trained and evaluated with, against dopri5 at "
     "rtol = atol = 1e-5 on the same points: how much of the NLL is solver error.",
 }
@@ -350,9 +355,8 @@ def reach_times(rows: dict) -> list[dict]:
     return out
 
 
-def sections(a, rows: dict, missing: dict) -> dict:
-    best = choose_best(a, rows.get("sweep", []))
-    out: dict = {}
+def final_rows(rows: dict) -> list[dict]:
+    """The training rows with their test NLLs (``nll`` NaN until ``--test-only`` has measured it)."""
     final = []
     for r in sorted(rows.get("final", []), key=lambda r: (r["budget"], C.CONTENDERS.index(r["contender"]))):
         t = C.find(rows.get("test", []), contender=r["contender"], budget=r["budget"]) or {}
@@ -366,22 +370,49 @@ def sections(a, rows: dict, missing: dict) -> dict:
                 "nll_eval_s": t.get("nll_eval_s", math.nan),
             }
         )
+    return final
+
+
+def lfm_variants(a) -> dict[str, list[dict]]:
+    """LFM's rows of the ``--lfm-solver`` runs (``results/<name>_lfm-*.json``), by solver: the main
+    file's summary compares them with its other contenders too."""
+    if a.lfm_solver:
+        return {}
+    out = {}
+    for path in sorted(_common.RESULTS.glob(f"{a.name}_lfm-*.json")):
+        got = [r for r in final_rows(C.load_rows(path.stem)) if r["contender"] == "LFM"]
+        if got:
+            out[f"LFM ({path.stem.split('_lfm-', 1)[1]})"] = got
+    return out
+
+
+def difference(x: dict, y: dict, lower: str) -> str:
+    d, se = x["nll"] - y["nll"], math.hypot(x["nll_se"], y["nll_se"])
+    verdict = f"{lower} lower" if d < -se else (f"{lower} higher" if d > se else "within the combined SE")
+    return f"{d:+.4f} ± {se:.4f} ({verdict})"
+
+
+def sections(a, rows: dict, missing: dict) -> dict:
+    best = choose_best(a, rows.get("sweep", []))
+    out: dict = {}
+    final = final_rows(rows)
     cols = ["budget", "contender", "setting", "params", "nll", "nll_se", "n_test", "test_solver", "curve_nll", "ED"]
     cols += ["train_s"]
     cols += ["push_s", "steps", "sample_s", "nfe/sample", "nll_eval_s", "solver_diff", "load_1min"]
     out[S_FINAL] = [{c: r.get(c) for c in cols} for r in final]
     summary = {}
-    for budget in sorted({r["budget"] for r in final}):
-        got = {r["contender"]: r for r in final if r["budget"] == budget}
-        if "LFM" not in got or not math.isfinite(got["LFM"]["nll"]):
-            continue
-        lfm = got["LFM"]
-        for other in ("FM", "torchcfm", "zuko-NSF", "zuko-MAF"):
-            if other in got and math.isfinite(got[other]["nll"]):
-                d = lfm["nll"] - got[other]["nll"]
-                se = math.hypot(lfm["nll_se"], got[other]["nll_se"])
-                verdict = "LFM lower" if d < -se else ("LFM higher" if d > se else "within the combined SE")
-                summary[f"{budget:g} s: LFM - {other}"] = f"{d:+.4f} ± {se:.4f} ({verdict})"
+    tested = [r for r in final if math.isfinite(r["nll"])]
+    lfms = {"LFM": [r for r in tested if r["contender"] == "LFM"]} | lfm_variants(a)
+    for label, runs in lfms.items():
+        for lfm in runs:
+            for other in (r for r in tested if r["budget"] == lfm["budget"] and r["contender"] != "LFM"):
+                summary[f"{lfm['budget']:g} s: {label} - {other['contender']}"] = difference(lfm, other, "LFM")
+    # the learning-efficiency claim with whole runs: LFM at half of FM's largest budget against FM there
+    fm = max((r for r in tested if r["contender"] == "FM"), key=lambda r: r["budget"], default=None)
+    for label, runs in lfms.items():
+        for lfm in (r for r in runs if fm is not None and r["budget"] <= fm["budget"] / 2):
+            key = f"{label} at {lfm['budget']:g} s - FM at {fm['budget']:g} s"
+            summary[key] = difference(lfm, fm, "LFM")
     summary["settings used"] = "; ".join(f"{n}: {s.label}" for n, s in best.items())
     if missing:
         summary["skipped (package not installed)"] = ", ".join(missing)

@@ -8,7 +8,7 @@ sampling time, network evaluations per sample, parameter count.
 
 - ``LFM``: ``localfm.fit`` with the suite's LFM config (OU blocks + free block).
 - ``FM``: the same code with ``blocks.L: 0`` (one free block), its MLP widened to the same total
-  parameter count as LFM's blocks together (:func:`matched_width`; both counts are recorded).
+  parameter count as LFM's blocks together (:func:`fm_twin`; both counts are recorded).
 - ``torchcfm``: ``torchcfm.ConditionalFlowMatcher`` (its straight path and target, sigma = 0)
   regressing FM's MLP; likelihood and samples by localfm's ODE solver with the exact divergence,
   through the same ``LocalFlow`` machinery as LFM and FM, so the NLLs are comparable.
@@ -54,7 +54,7 @@ import localfm
 import localfm.training
 from localfm import metrics, runs
 from localfm.flow import Block, LocalFlow, Standardizer
-from localfm.nets import NetConfig, build_net
+from localfm.nets import NetConfig, build_net, count_parameters
 from localfm.ode import SolverConfig
 
 CONTENDERS = ("LFM", "FM", "torchcfm", "zuko-NSF", "zuko-MAF")
@@ -115,7 +115,7 @@ class Suite:
         shares = cfg.get("train", {}).get("steps")
         train = {
             # The budget decides; blocks share it equally, or in proportion to a list of steps.
-            "steps": [10_000 * n for n in shares] if isinstance(shares, list) else 10_000_000,
+            "steps": [10_000 * n for n in shares] if isinstance(shares, list) else BIG,
             "batch_size": setting.batch_size,
             "lr": setting.lr,
             "lr_schedule": "cosine",
@@ -126,43 +126,53 @@ class Suite:
         return cfg
 
     def fm_net(self, dim: int) -> dict:
-        net = dict(self.lfm["net"])
-        net["width"] = self.fm_width or matched_width(dim, self.lfm["net"], self.n_lfm_blocks)
-        return net
+        return {**self.lfm["net"], "width": self.fm_width or fm_width(dim, self.lfm)}
 
     def fm_config(self, setting: Setting, dim: int) -> dict:
-        cfg = self.lfm_config(setting)
-        cfg["net"] = self.fm_net(dim)
-        cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
-        cfg["train"]["steps"] = 10_000_000
-        cfg["train"].pop("push_points", None)
+        cfg = fm_twin(self.lfm_config(setting), dim, width=self.fm_width)
         cfg["solver"] = dict(self.ode_solver)
         return cfg
 
-    @property
-    def n_lfm_blocks(self) -> int:
-        return len(localfm.load_config({"blocks": self.lfm["blocks"]}).blocks.steps())
+
+BIG = 10_000_000  # optimiser steps that never bind: the wall-clock budget decides
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def n_blocks(cfg: dict) -> int:
+    """The number of blocks (OU blocks and the free block) of a flow config dict."""
+    return len(localfm.load_config({"blocks": cfg["blocks"]}).blocks.steps())
+
+
+def fm_width(dim: int, lfm: dict) -> int:
+    """The MLP width of global FM's one network at the total parameter count of LFM's blocks."""
+    net = lfm["net"]
+    return matched_width(dim, net, n_blocks(lfm) * mlp_params(dim, net))
+
+
+def fm_twin(lfm: dict, dim: int, width: int | None = None) -> dict:
+    """Global FM at LFM's size: the same config with one block (the free block alone), its
+    network ``width`` wide (default :func:`fm_width`), trained until the budget runs out."""
+    cfg = copy.deepcopy(lfm)
+    cfg["net"] = {**lfm["net"], "width": width or fm_width(dim, lfm)}
+    cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
+    cfg.setdefault("train", {})["steps"] = BIG
+    cfg["train"].pop("push_points", None)  # one block: no pushforward
+    return cfg
 
 
 def mlp_params(dim: int, net: dict) -> int:
-    return count_params(build_net(dim, NetConfig(**net)))
+    return count_parameters(build_net(dim, NetConfig(**net)))
 
 
-def matched_width(dim: int, net: dict, n_blocks: int) -> int:
-    """The MLP width whose one network has the parameter count closest to ``n_blocks`` networks ``net``."""
-    target = n_blocks * mlp_params(dim, net)
-    best, best_diff = net["width"], math.inf
-    for w in range(net["width"], 8 * net["width"] * max(1, n_blocks)):
-        diff = abs(mlp_params(dim, {**net, "width": w}) - target)
-        if diff < best_diff:
-            best, best_diff = w, diff
-        elif mlp_params(dim, {**net, "width": w}) > target:
-            break
-    return best
+def matched_width(dim: int, net: dict, target: int, copies: int = 1) -> int:
+    """The width at which ``copies`` networks ``net`` have the parameter count closest to ``target``."""
+    total = lambda w: copies * mlp_params(dim, {**net, "width": w})  # noqa: E731
+    lo, hi = 1, 2  # the count grows with the width: double, then bisect to total(lo) < target <= total(hi)
+    while total(hi) < target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda w: abs(total(w) - target))
 
 
 def available(name: str) -> str | None:
@@ -369,7 +379,7 @@ def _fit_contender(name: str, cfg: dict, x: Tensor, budget: float, seed: int, cu
         curve.record(train_s, log_prob, final=True, block=len(flow), blocks=len(flow))
     return Trained(
         name,
-        count_params(flow),
+        count_parameters(flow),
         train_s,
         sum(b["push_seconds"] for b in tl),
         ",".join(str(b["steps"]) for b in tl),
@@ -455,7 +465,7 @@ def _train_torchcfm(suite: Suite, x: Tensor, setting: Setting, budget: float, se
     if curve is not None:
         curve.record(seconds, log_prob, final=True)
     info = {"sigma": suite.torchcfm_sigma, "net": suite.fm_net(dim), "solver": suite.ode_solver}
-    return Trained("torchcfm", count_params(net), seconds, 0.0, str(steps), log_prob, sample, info, flow)
+    return Trained("torchcfm", count_parameters(net), seconds, 0.0, str(steps), log_prob, sample, info, flow)
 
 
 class _ZukoModel:
@@ -511,7 +521,8 @@ def _train_zuko(name: str, suite: Suite, x: Tensor, setting: Setting, budget: fl
     flow.eval()
     if curve is not None:
         curve.record(seconds, model.log_prob, final=True)
-    return Trained(name, count_params(flow), seconds, 0.0, str(steps), model.log_prob, model.sample, {"zuko": kwargs})
+    info = {"zuko": kwargs}
+    return Trained(name, count_parameters(flow), seconds, 0.0, str(steps), model.log_prob, model.sample, info)
 
 
 def train(

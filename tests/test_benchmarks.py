@@ -79,6 +79,22 @@ def test_bench_2d_tiny(tmp_path):
     assert "LFM gap <= FM gap (datasets)" in checks
 
 
+def test_bench_2d_tiny_averages_training_seeds(tmp_path):
+    payload = run_tiny("bench_2d.py", tmp_path, "--contenders", "LFM", "FM", "--train-seeds", "0", "1")
+    runs = payload["raw"]["rows"]["runs"]
+    table = next(v for k, v in payload["sections"].items() if k.startswith("Gap to the true entropy"))
+    for data in ("8gaussians", "moons"):
+        gap = {(r["contender"], r["seed"]): r["paired_gap"] for r in runs if r["dataset"] == data}
+        assert set(gap) == {(c, k) for c in ("LFM", "FM") for k in (0, 1)}
+        assert gap["LFM", 0] != gap["LFM", 1]  # the training seed reaches the training
+        line = next(r for r in table if r["dataset"] == data)
+        assert float(line["LFM"].split()[0]) == pytest.approx((gap["LFM", 0] + gap["LFM", 1]) / 2, abs=1e-3)
+        diff = sum(gap["LFM", k] - gap["FM", k] for k in (0, 1)) / 2
+        assert line["LFM-FM"].endswith("(2 seeds)")
+        assert float(line["LFM-FM"].split()[0]) == pytest.approx(diff, abs=1e-3)
+        assert line["LFM<=FM"] == (diff <= 0)
+
+
 def test_bench_power_tiny(tmp_path):
     cache = tmp_path / "cache"
     payload = run_tiny("bench_power.py", tmp_path, "--defer-test", "--cache", str(cache))
@@ -106,6 +122,12 @@ def test_bench_power_tiny(tmp_path):
     table = next(v for k, v in payload["sections"].items() if k.startswith("Test NLL"))
     assert all(math.isfinite(r["nll"]) for r in table)
     assert "Solver check (5k test points)" in payload["sections"]
+    # an LFM trained with another solver (its own file) joins the main file's summary
+    extra = ("--contenders", "LFM", "--lfm-solver", "rk4:1", "--sweep-from", "power_tiny", "--cache", str(cache))
+    run_script("bench_power.py", "--tiny", "--out", str(tmp_path), *extra)
+    summary = run_tiny("bench_power.py", tmp_path, "--render", "--cache", str(cache))["sections"]["Summary"]
+    assert {f"2 s: LFM (rk41) - {c}" for c in want if c != "LFM"} <= set(summary)
+    assert summary["2 s: LFM (rk41) - FM"].split()[0] != summary["2 s: LFM - FM"].split()[0]
 
 
 def test_bench_theory_tiny(tmp_path):
@@ -168,6 +190,18 @@ def test_bench_distill_quick(tmp_path):
     targets = [f["target"] for f in payload["sections"]["Figures"]]
     assert targets.count("<= 1.5") == 1 and targets.count(">= 20") == 1 and targets.count("LFM lower ED") == 2
     assert (tmp_path / "distill_quick.png").stat().st_size > 0
+    # cost: evaluations times the evaluated network's size (an LFM block is a third of FM's network)
+    for name, r in rows.items():
+        t = lfm if name.startswith("LFM") else fm
+        assert r["cost"] == pytest.approx(r["nfe"] * t["parameters"] / t["blocks"]), name
+    # --render recomputes the figures from the saved measurements, and gives the same ones
+    (tmp_path / "distill_quick.json").write_text(
+        json.dumps({**payload, "sections": {**payload["sections"], "Figures": []}})
+    )
+    run_script("bench_distill.py", "--quick", "--out", str(tmp_path), "--render")
+    again = json.loads((tmp_path / "distill_quick.json").read_text())
+    assert again["sections"]["Figures"] == payload["sections"]["Figures"]
+    assert "rendered" in again["meta"] and again["raw"] == payload["raw"]
 
 
 def test_bench_pools_quick(tmp_path):
@@ -192,3 +226,21 @@ def test_bench_ablation_tiny(tmp_path):
     assert all(abs(r["parameters"] - base) <= 0.05 * base for r in rows.values())  # equal model size
     assert all(math.isfinite(r["delta"]) and r["delta_se"] >= 0 for r in rows.values())
     assert (tmp_path / "ablation_power_tiny.png").stat().st_size > 0
+
+
+def test_matched_width_gives_the_closest_parameter_count():
+    sys.path.insert(0, str(BENCH))
+    import contenders as C
+
+    net = {"width": 64, "depth": 3, "activation": "relu"}
+    target = 4 * C.mlp_params(6, net)
+    for copies in (1, 4, 6):
+        w = C.matched_width(6, net, target, copies=copies)
+        miss = {v: abs(copies * C.mlp_params(6, {**net, "width": v}) - target) for v in (w - 1, w, w + 1)}
+        assert miss[w] == min(miss.values()), (copies, miss)
+    assert C.matched_width(6, net, target, copies=4) == 64
+    # global FM's twin of 3 OU blocks + the free block: one network with the four blocks' parameters
+    lfm = {"net": net, "blocks": {"schedule": "list", "h": [0.1, 0.2, 0.3]}, "train": {"push_points": 10}}
+    twin = C.fm_twin(lfm, 6)
+    assert twin["blocks"]["h"] == [] and "push_points" not in twin["train"] and lfm["train"] == {"push_points": 10}
+    assert abs(C.mlp_params(6, twin["net"]) - target) <= 0.01 * target
