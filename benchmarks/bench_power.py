@@ -373,17 +373,19 @@ def final_rows(rows: dict) -> list[dict]:
     return final
 
 
-def lfm_variants(a) -> dict[str, list[dict]]:
-    """LFM's rows of the ``--lfm-solver`` runs (``results/<name>_lfm-*.json``), by solver: the main
-    file's summary compares them with its other contenders too."""
+def variant_files(a) -> dict[str, dict]:
+    """The rows of the ``--lfm-solver`` runs (``results/<name>_lfm-*.json``) by label, ``LFM (solver)``:
+    the main file's summary and plot set them against its other contenders too."""
     if a.lfm_solver:
         return {}
-    out = {}
-    for path in sorted(_common.RESULTS.glob(f"{a.name}_lfm-*.json")):
-        got = [r for r in final_rows(C.load_rows(path.stem)) if r["contender"] == "LFM"]
-        if got:
-            out[f"LFM ({path.stem.split('_lfm-', 1)[1]})"] = got
-    return out
+    paths = sorted(_common.RESULTS.glob(f"{a.name}_lfm-*.json"))
+    return {f"LFM ({p.stem.split('_lfm-', 1)[1]})": C.load_rows(p.stem) for p in paths}
+
+
+def lfm_variants(a) -> dict[str, list[dict]]:
+    """LFM's tested rows of each ``--lfm-solver`` run, by label."""
+    got = {label: [r for r in final_rows(rows) if r["contender"] == "LFM"] for label, rows in variant_files(a).items()}
+    return {label: runs for label, runs in got.items() if runs}
 
 
 def difference(x: dict, y: dict, lower: str) -> str:
@@ -446,37 +448,45 @@ def plot(a, rows: dict) -> None:
     curves = rows.get("curves", [])
     if not curves:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     styles = ["-", "--", ":"]
-    budgets = sorted({c["budget"] for c in curves})
-    finals = []
-    for c in curves:
-        pts = c["points"]
-        if not pts:
-            continue
-        ls = styles[budgets.index(c["budget"]) % len(styles)]
-        color = f"C{C.CONTENDERS.index(c['contender'])}"
-        ax.plot(
-            [p["train_s"] for p in pts],
-            [p["nll"] for p in pts],
-            ls,
-            marker="o",
-            ms=3,
-            color=color,
-            label=f"{c['contender']} ({c['budget']:g} s)",
-        )
-        finals.append(pts[-1]["nll"])
-    for t in rows.get("test", []):  # the final NLLs (exact for zuko, dopri5 for the ODE models)
-        if t.get("test_solver", "exact") != "exact" and t["contender"] in C.CONTENDERS:
-            color = f"C{C.CONTENDERS.index(t['contender'])}"
-            ax.plot([t["budget"]], [t["nll"]], "*", ms=12, color=color, label=f"{t['contender']}: test NLL, dopri5")
+    sources = {"": rows} | variant_files(a)  # this file's contenders, then the --lfm-solver LFMs
+    colors = {name: f"C{k}" for k, name in enumerate(list(C.CONTENDERS) + [v for v in sources if v])}
+    budgets = sorted({c["budget"] for src in sources.values() for c in src.get("curves", [])})
+    finals, starred = [], set()
+    for label, src in sources.items():
+        for c in src.get("curves", []):
+            pts = c["points"]
+            if not pts or (label and c["contender"] != "LFM"):
+                continue
+            name = label or c["contender"]
+            ax.plot(
+                [p["train_s"] for p in pts],
+                [p["nll"] for p in pts],
+                styles[budgets.index(c["budget"]) % len(styles)],
+                marker="o",
+                ms=3,
+                color=colors[name],
+                label=f"{name} ({c['budget']:g} s)",
+            )
+            finals.append(pts[-1]["nll"])
+        for t in src.get("test", []):  # the final test NLLs: dopri5 for the ODE models, exact for zuko
+            name = label or t["contender"]
+            if (label and t["contender"] != "LFM") or not math.isfinite(t["nll"]):
+                continue
+            ax.plot([t["budget"]], [t["nll"]], "*", ms=12, color=colors[name], label=None if name in starred else name)
+            starred.add(name)
             finals.append(t["nll"])
     lo, hi = min(finals), max(finals)
     ax.set_ylim(lo - 0.1 * (hi - lo + 0.1), hi + 1.5 * (hi - lo + 0.1))
     ax.set_xlabel("training wall-clock (s), pushforward included, evaluation excluded")
     ax.set_ylabel("test NLL on a fixed 20k subset (nats)")
-    ax.set_title("POWER learning curves (each model's own solver; stars: dopri5 test NLL)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(
+        "POWER learning curves, 20k test subset, each model's own solver; stars: final test NLL "
+        "(dopri5 for ODE models, exact for zuko)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=2)
     _common.save_figure(fig, a.name)
 
 
