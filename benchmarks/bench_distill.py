@@ -576,7 +576,7 @@ def ablate(s: Setting, args, threads: int) -> None:
     print(f"total {total:.0f} s", flush=True)
 
 
-def write_teachers(s: Setting, rows: list[dict], log: dict, check: list, threads: int, total: float) -> None:
+def write_teachers(name: str, s: Setting, rows: list[dict], log: dict, check: list, threads: int, total: float) -> None:
     """``--teachers-only``: the two teachers' sample quality and test NLL, paired LFM - FM."""
     lfm, fm = (next(r for r in rows if r["kind"] == f"{label} teacher dopri5") for label in ("LFM", "FM"))
     nll_se = math.hypot(lfm["test_nll_se"], fm["test_nll_se"])
@@ -586,7 +586,6 @@ def write_teachers(s: Setting, rows: list[dict], log: dict, check: list, threads
         "fine MMD, LFM - FM": paired(lfm, fm, "mmd_fine"),
         "test NLL, LFM - FM (own solvers)": f"{lfm['test_nll'] - fm['test_nll']:+.4f} ± {nll_se:.4f}",
     }
-    name = f"distill_{s.data}_teachers"
     t = log["teachers"]
     notes = (
         f"The teachers of `bench_distill.py --data {s.data}` alone, {s.budget:g} s each (pushforward included): "
@@ -708,7 +707,8 @@ def main() -> None:
         specs = s.lfm_students if not fm else tuple((k, 1) for k in s.fm_students)
         distil_all(flow, pairs, specs, s, label, rows, ref, check, models, log)
     if args.teachers_only:
-        return write_teachers(s, rows, log, check, threads, time.perf_counter() - t_start)
+        name = f"distill_{'quick' if args.quick else s.data}_teachers"
+        return write_teachers(name, s, rows, log, check, threads, time.perf_counter() - t_start)
     for r in rows:
         if r["kind"] == "LFM student" and "merged" in r["model"]:
             r["kind"] = "LFM merged student"

@@ -204,6 +204,20 @@ def test_bench_distill_quick(tmp_path):
     assert "rendered" in again["meta"] and again["raw"] == payload["raw"]
 
 
+def test_bench_distill_teachers_only(tmp_path):
+    """``--teachers-only``: both teachers scored (samples and test NLL), no student made."""
+    run_script("bench_distill.py", "--quick", "--teachers-only", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "distill_quick_teachers.json").read_text())
+    rows = {r["kind"]: r for r in payload["sections"]["Teachers"]}
+    assert {"LFM teacher dopri5", "FM teacher dopri5"} <= set(rows)
+    assert not any("student" in kind for kind in rows)
+    lfm, fm = rows["LFM teacher dopri5"], rows["FM teacher dopri5"]
+    assert math.isfinite(lfm["test_nll"]) and lfm["test_nll_se"] > 0 and math.isfinite(fm["test_nll"])
+    got = payload["sections"]["LFM against FM"]["test NLL, LFM - FM (own solvers)"]
+    assert float(got.split()[0]) == pytest.approx(lfm["test_nll"] - fm["test_nll"], abs=1e-4)
+    assert not (tmp_path / "distill_quick.json").exists()
+
+
 def test_bench_pools_quick(tmp_path):
     """Pool storage at CI scale: each storage's fit in its own process, the same model from both."""
     run_script("bench_pools.py", "--quick", "--out", str(tmp_path))
