@@ -19,6 +19,7 @@ __all__ = ["SolverConfig", "Solution", "integrate", "divergence_exact", "diverge
 
 FIXED_METHODS = ("euler", "midpoint", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "dopri8")
+ERROR_NORMS = ("point", "batch")
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -36,6 +37,12 @@ class SolverConfig:
     last repeated for the blocks after it: ``[3, 1]`` crowds the steps of block 1 only, whose field
     is the steep one (the blocks after it see OU-smoothed data, and the long free block is solved
     worse on a crowded grid). :meth:`for_block` picks a block's own solver.
+
+    ``error_norm`` says where an adaptive solver's tolerance holds: ``"point"`` (default) for every
+    point of a batch (the batch steps as its hardest point needs), ``"batch"`` for one RMS over the
+    whole batch, torchdiffeq's default, which lets a few hard points among many easy ones end far
+    outside the tolerance. On a 20-minute POWER LFM, ``"point"`` took 1.8x the time of ``"batch"``
+    for the test NLL (dopri5 1e-5, batches of 8,192) and moved it by 0.0006 nats.
     """
 
     method: str = "dopri5"
@@ -43,12 +50,15 @@ class SolverConfig:
     rtol: float = 1e-5
     atol: float = 1e-5
     grid_power: float | tuple[float, ...] = 1.0
+    error_norm: str = "point"
 
     def __post_init__(self) -> None:
         if self.method not in FIXED_METHODS + ADAPTIVE_METHODS:
             raise ValueError(f"solver.method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {self.method!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"solver.steps must be an integer >= 1, got {self.steps!r}")
+        if self.error_norm not in ERROR_NORMS:
+            raise ValueError(f"solver.error_norm must be one of {ERROR_NORMS}, got {self.error_norm!r}")
         if not (self.rtol > 0 and self.atol > 0):
             raise ValueError(f"solver.rtol and solver.atol must be > 0, got {self.rtol}, {self.atol}")
         powers = self.grid_power if isinstance(self.grid_power, (list, tuple)) else [self.grid_power]
@@ -156,6 +166,23 @@ def _fixed_grid(steps: int, power: float = 1.0):
     return grid
 
 
+def _worst_point_rms(y: Tensor) -> Tensor:
+    """Error norm ``"point"``: each point's RMS over its own coordinates, then the worst point.
+
+    With one RMS over the whole batch a few hard points among many easy ones take errors far above
+    the tolerance, and a point's result depends on the points batched with it: a rotation 120 times
+    faster than its 3,999 neighbours came out 100 times less accurate than when solved alone.
+    """
+    if y.shape[0] == 0:
+        return y.new_zeros(())
+    return y.reshape(y.shape[0], -1).pow(2).mean(1).sqrt().max()
+
+
+def _batch_rms(y: Tensor) -> Tensor:
+    """Error norm ``"batch"``: one RMS over every coordinate of every point (torchdiffeq's default)."""
+    return y.pow(2).mean().sqrt() if y.numel() else y.new_zeros(())
+
+
 def integrate(
     velocity: Velocity,
     x: Tensor,
@@ -183,7 +210,11 @@ def integrate(
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     if isinstance(solver.grid_power, tuple):
         raise ValueError("a per-block solver.grid_power must be resolved first: pass solver.for_block(index)")
-    options = {} if solver.adaptive else {"grid_constructor": _fixed_grid(solver.steps, solver.grid_power)}
+    norm = _worst_point_rms if solver.error_norm == "point" else _batch_rms
+    if solver.adaptive:
+        options = {"norm": norm}
+    else:
+        options = {"grid_constructor": _fixed_grid(solver.steps, solver.grid_power)}
     kwargs = {"rtol": solver.rtol, "atol": solver.atol} if solver.adaptive else {}
 
     if divergence is None:
@@ -219,7 +250,7 @@ def integrate(
     if solver.adaptive:
         # Control the step on the state alone: the same steps as a plain solve, so the log-density
         # costs a fixed multiple of sampling and agrees with the pushforward used in training.
-        options["norm"] = lambda ys: ys[0].pow(2).mean().sqrt()
+        options["norm"] = lambda ys: norm(ys[0])
     zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     with torch.no_grad():
         y, delta = odeint(rhs_joint, (x, zero), times, method=solver.method, options=options, **kwargs)
