@@ -165,6 +165,15 @@ def test_distill_then_sample_and_eval_the_student(run: Path) -> None:
     m = json.loads((student / "metrics.json").read_text())
     # One step per block: as many network evaluations per sample as blocks, and no likelihood.
     assert m["network_evaluations_per_sample"] == 3 and "nll" not in m and m["energy_distance"] < 1.0
+    # One fresh student, twice as wide, for the whole chain: its own folder, one evaluation per sample.
+    proc = localfm("distill", str(run), "--group-size", "3", "--width", "128", "--train-steps", "60", cwd=run.parent)
+    wide = run / "distilled-k1-m3-w128"
+    assert str(wide) in proc.stdout
+    localfm("sample", str(wide), "-n", "50", "--out", str(out), cwd=run.parent)
+    assert np.load(out).shape == (50, 2)
+    assert json.loads((wide / "distilled.json").read_text())["distill_config"]["width"] == 128
+    bad = localfm("distill", str(run), "--width", "0", cwd=run.parent, check=False)
+    assert bad.returncode == 2 and "distill.width" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_train_on_a_user_file_by_path(tmp_path: Path) -> None:

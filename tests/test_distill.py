@@ -95,6 +95,26 @@ def test_student_from_random_init_learns_the_map():
     assert relative_map_error(flow, distill(flow, cfg)) < 0.1
 
 
+def test_a_wider_merged_student_has_the_width_asked_for_and_round_trips(tmp_path):
+    """``width`` builds fresh students of that width (here one for the whole chain, as wide as a
+    global model's network would be); the saved model rebuilds them at that width."""
+    from localfm.nets import build_net, count_parameters
+
+    flow = tiny_flow(n_blocks=3)
+    cfg = FAST.replace(init="fresh", width=40, group_size=3, train_steps=300, generation_fraction=1.0)
+    model = distill(flow, cfg)
+    assert len(model) == 1 and model.nfe == 1
+    (student,) = model.students
+    assert count_parameters(student.net) == count_parameters(build_net(2, NetConfig(width=40, depth=2)))
+    assert count_parameters(student.net) > 2 * count_parameters(flow.blocks[0].net)
+    assert relative_map_error(flow, model) < 0.2
+    back = load_distilled(model.save(tmp_path / "wide"))
+    g = torch.Generator().manual_seed(4)
+    assert torch.equal(back.sample(50, generator=g), model.sample(50, generator=g.manual_seed(4)))
+    with pytest.raises(ValueError, match="distill.width needs distill.init: fresh"):
+        DistillConfig(width=40)
+
+
 def test_nfe_accounting():
     flow = tiny_flow(n_blocks=5)
     for k, m, n_students in [(1, 1, 5), (2, 1, 5), (1, 2, 3), (3, 5, 1), (2, 4, 2)]:
@@ -183,6 +203,7 @@ def test_log_prob_raises():
         ("data_pairs", 0),
         ("grad_clip", -1.0),
         ("val_pairs", -1),
+        ("width", 0),
     ],
 )
 def test_bad_config_raises_naming_the_key(key, value):

@@ -31,6 +31,7 @@ EXAMPLES = {
     "datasets": "localfm datasets",
     "distill": "localfm distill runs/tree                 # one step per block: runs/tree/distilled-k1\n"
     "  localfm distill runs/tree --steps 2 --group-size 3\n"
+    "  localfm distill runs/tree --group-size 9 --width 256   # one wide student for the whole chain\n"
     "  localfm sample runs/tree/distilled-k1 -n 10000\n"
     "  localfm eval runs/tree/distilled-k1",
 }
@@ -128,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--steps", type=int, default=1, help="steps per student (default 1)")
     ds.add_argument("--group-size", type=int, default=None, help="merge this many consecutive blocks per student")
     ds.add_argument("--train-steps", type=int, default=None, help="regression steps per student")
+    ds.add_argument(
+        "--width", type=int, default=None, help="fresh students of this MLP width (default: start from the teacher's)"
+    )
 
     from .policy.cli import add_parser as add_policy_parser
 
@@ -377,7 +381,12 @@ def cmd_distill(args) -> None:
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     out = distill_run_cli(
-        args.run, args.steps, group_size=args.group_size, train_steps=args.train_steps, callback=_progress_bar()
+        args.run,
+        args.steps,
+        group_size=args.group_size,
+        train_steps=args.train_steps,
+        width=args.width,
+        callback=_progress_bar(),
     )
     print(f"distilled model in {out}; sample with: localfm sample {out} -n 10000")
 

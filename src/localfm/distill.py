@@ -107,6 +107,9 @@ class DistillConfig:
     zeroed: the student starts as the identity map with the teacher's features), ``"teacher"``
     (those weights as they are: the student starts as the teacher's own k-step Euler solve) or
     ``"fresh"`` (a new network of the teacher's architecture, output layer zeroed).
+    ``width``: the hidden width of fresh MLP students (``None``: the teacher's), e.g. to give a
+    student that merges every block as many parameters as a global model's network; needs ``init:
+    fresh``, since a student of another width cannot start from the teacher's weights.
     ``chained``: train the students noise side first, each on the outputs of the students before it
     (run on the teacher's trajectories), so that it corrects their errors instead of inheriting them;
     ``False`` trains each on the teacher's own points.
@@ -125,6 +128,7 @@ class DistillConfig:
     generation_pairs: int = 50_000
     data_pairs: int | None = 100_000
     init: str = "identity"
+    width: int | None = None
     chained: bool = True
     solver: SolverConfig | None = None
     val_pairs: int = 2048
@@ -155,6 +159,14 @@ class DistillConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"distill.init must be one of {INITS}, got {self.init!r}")
+        if self.width is not None:
+            if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+                raise ValueError(f"distill.width must be an integer >= 1 or null (the teacher's), got {self.width!r}")
+            if self.init != "fresh":
+                raise ValueError(
+                    f"distill.width needs distill.init: fresh (a student of another width cannot start from the "
+                    f"teacher's weights), got init {self.init!r}"
+                )
         if not isinstance(self.chained, bool):
             raise ValueError(f"distill.chained must be true or false, got {self.chained!r}")
         if self.solver is not None and not isinstance(self.solver, SolverConfig):
@@ -463,12 +475,21 @@ def _zero_output_layer(net: nn.Module) -> nn.Module:
     return net
 
 
+def _student_config(teacher: FlowConfig | None, cfg: DistillConfig) -> FlowConfig | None:
+    """The config the students' networks are built from: the teacher's, with ``cfg.width`` if set."""
+    if cfg.width is None or teacher is None:
+        return teacher
+    if teacher.net.kind != "mlp":
+        raise ValueError(f"distill.width applies to MLP students; the teacher's net.kind is {teacher.net.kind!r}")
+    return dataclasses.replace(teacher, net=dataclasses.replace(teacher.net, width=cfg.width))
+
+
 def _student_net(flow: LocalFlow, last_block: int, cfg: DistillConfig, index: int, net_factory) -> nn.Module:
     if cfg.init == "fresh":
         dim = flow.event_shape[0] if len(flow.event_shape) == 1 else flow.event_shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + index)
-            net = (net_factory or (lambda d, c: build_net(d, c.net)))(dim, flow.config)
+            net = (net_factory or (lambda d, c: build_net(d, c.net)))(dim, _student_config(flow.config, cfg))
     else:
         net = copy.deepcopy(flow.blocks[last_block].net)
     net = net.to(flow.device, flow._dtype())
@@ -713,7 +734,11 @@ def load_distilled(path: str | Path, *, net_factory=None, map_location: str | to
         raise CheckpointError(f"{path}: no teacher config saved; pass net_factory= to rebuild the networks")
     dim = event_shape[0] if len(event_shape) == 1 else event_shape
     factory = net_factory or (lambda d, c: build_net(d, c.net))
-    students = [Student(factory(dim, teacher), k, a, b) for a, b, k in spans]
+    try:
+        built = _student_config(teacher, cfg)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    students = [Student(factory(dim, built), k, a, b) for a, b, k in spans]
     model = DistilledFlow(
         event_shape, students, Standardizer.identity(event_shape), cfg, teacher, meta.get("teacher_blocks")
     )
@@ -763,4 +788,5 @@ def distill_run(
     x_train = load_data(flow.config) if cfg.generation_fraction < 1 else None
     model = distill(flow, cfg, x_train=x_train, callback=callback, net_factory=net_factory)
     name = f"distilled-k{cfg.steps_per_block}" + (f"-m{cfg.group_size}" if cfg.group_size > 1 else "")
+    name += f"-w{cfg.width}" if cfg.width is not None else ""
     return model.save(run_dir / name)

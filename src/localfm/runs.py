@@ -160,12 +160,21 @@ def _model_of(path: Path):
 
 
 def distill_run_cli(
-    run: str | Path, steps: int = 1, *, group_size: int | None = None, train_steps: int | None = None, callback=None
+    run: str | Path,
+    steps: int = 1,
+    *,
+    group_size: int | None = None,
+    train_steps: int | None = None,
+    width: int | None = None,
+    callback=None,
 ) -> Path:
-    """Distil a run's model into ``run/distilled-k{steps}`` (see :mod:`localfm.distill`)."""
+    """Distil a run's model into ``run/distilled-k{steps}`` (see :mod:`localfm.distill`); ``width``
+    builds fresh students of that MLP width instead of starting them from the teacher's weights."""
     from .distill import distill_run
 
-    config = {"train_steps": train_steps} if train_steps is not None else None
+    config: dict[str, Any] = {"train_steps": train_steps} if train_steps is not None else {}
+    if width is not None:
+        config |= {"width": width, "init": "fresh"}
     return distill_run(
         run,
         steps,
