@@ -79,7 +79,7 @@ class Setting:
     n_eval: int
     seeds: tuple[int, ...]
     rk4_steps: tuple[int, ...]
-    lfm_students: tuple[tuple[int, int], ...]  # (k, group size)
+    lfm_students: tuple[tuple, ...]  # (k, group size), or (k, group size, "wide"): fresh, FM's width
     fm_students: tuple[int, ...]
     speed_rounds: int
 
@@ -111,7 +111,7 @@ SETTINGS = {
         n_eval=10_000,
         seeds=(0, 1, 2, 3, 4),
         rk4_steps=(1, 2, 4, 8),
-        lfm_students=((1, 1), (2, 1), (1, 3), (1, 9)),
+        lfm_students=((1, 1), (2, 1), (1, 3), (1, 9), (1, 9, "wide")),
         fm_students=(1, 2, 4, 8),
         speed_rounds=3,
     ),
@@ -129,7 +129,7 @@ SETTINGS = {
         n_eval=10_000,
         seeds=(0, 1, 2, 3, 4),
         rk4_steps=(1, 2, 4, 8),
-        lfm_students=((1, 1), (2, 1), (1, 2), (1, 4)),
+        lfm_students=((1, 1), (2, 1), (1, 2), (1, 4), (1, 4, "wide")),
         fm_students=(1, 2, 4),
         speed_rounds=3,
     ),
@@ -151,7 +151,7 @@ SETTINGS = {
         n_eval=2_000,
         seeds=(0, 1),
         rk4_steps=(1, 4),
-        lfm_students=((1, 1), (1, 3)),
+        lfm_students=((1, 1), (1, 3), (1, 3, "wide")),
         fm_students=(1, 3),
         speed_rounds=1,
     ),
@@ -308,6 +308,8 @@ def network_cost(row: dict, log: dict) -> float:
     the parameters) cost less than FM's, so this is the measure of equal sampling compute."""
     if row["kind"] == "data":
         return 0.0
+    if "net_params" in row:  # a student: the network it evaluates (rows saved before lack it)
+        return row["nfe"] * row["net_params"]
     t = log["teachers"][row["model"].split()[0]]
     return row["nfe"] * t["parameters"] / t["blocks"]
 
@@ -390,16 +392,24 @@ def distil_config(s: Setting, k: int, m: int, **changes) -> DistillConfig:
 
 
 def distil_all(flow, pairs, specs, s: Setting, label: str, rows: list, ref, check, models: dict, log: dict) -> None:
-    for k, m in specs:
-        cfg = distil_config(s, k, m)
+    """Distil ``flow`` once per spec (k, m) or (k, m, "wide"), evaluate, add rows. A wide student is
+    fresh and as wide as the FM twin's network: merging every block, it matches FM's k=1 student in
+    evaluations and in parameters."""
+    for k, m, *wide in specs:
+        changes = {}
+        if wide:
+            changes = {"init": "fresh", "width": s.flow_config(True, flow.event_shape[0])["net"]["width"]}
+        cfg = distil_config(s, k, m, **changes)
         t0 = time.perf_counter()
         model = distill(flow, cfg, pairs=pairs, generator=torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - t0
         name = f"{label} student k={k}" + (f", {m} blocks merged" if m > 1 and len(flow) > 1 else "")
+        name += f", fresh at FM's width {cfg.width}" if wide else ""
         models[name] = model
         log[name] = {"distill_s": seconds, "config": cfg.__dict__ | {"solver": None}, "students": model.log[:-1]}
         row = evaluate(name, lambda n, g, model=model: model.sample(n, generator=g), model.nfe, s, ref, check)
-        rows.append(row | {"kind": f"{label} student", "distill_s": seconds})
+        net_params = localfm.nets.count_parameters(model.students[0].net)
+        rows.append(row | {"kind": f"{label} student", "distill_s": seconds, "net_params": net_params})
 
 
 # ---------------------------------------------------------------------------------------------
