@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
 import _common  # noqa: E402, I001
 from _common import ROOT, interleaved, median, metadata, write_results  # noqa: E402
-from contenders import BIG, fm_twin  # noqa: E402
+from contenders import BIG, fm_twin, fm_width  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -308,7 +308,7 @@ def network_cost(row: dict, log: dict) -> float:
     the parameters) cost less than FM's, so this is the measure of equal sampling compute."""
     if row["kind"] == "data":
         return 0.0
-    if "net_params" in row:  # a student: the network it evaluates (rows saved before lack it)
+    if "net_params" in row:  # a student: the network it evaluates (teachers' rows, and older files, lack it)
         return row["nfe"] * row["net_params"]
     t = log["teachers"][row["model"].split()[0]]
     return row["nfe"] * t["parameters"] / t["blocks"]
@@ -398,7 +398,7 @@ def distil_all(flow, pairs, specs, s: Setting, label: str, rows: list, ref, chec
     for k, m, *wide in specs:
         changes = {}
         if wide:
-            changes = {"init": "fresh", "width": s.flow_config(True, flow.event_shape[0])["net"]["width"]}
+            changes = {"init": "fresh", "width": fm_width(flow.event_shape[0], s.lfm)}
         cfg = distil_config(s, k, m, **changes)
         t0 = time.perf_counter()
         model = distill(flow, cfg, pairs=pairs, generator=torch.Generator().manual_seed(0))

@@ -484,12 +484,15 @@ def _student_config(teacher: FlowConfig | None, cfg: DistillConfig) -> FlowConfi
     return dataclasses.replace(teacher, net=dataclasses.replace(teacher.net, width=cfg.width))
 
 
-def _student_net(flow: LocalFlow, last_block: int, cfg: DistillConfig, index: int, net_factory) -> nn.Module:
+def _student_net(
+    flow: LocalFlow, last_block: int, cfg: DistillConfig, index: int, net_factory, config: FlowConfig | None
+) -> nn.Module:
+    """Student ``index``'s network: fresh from ``config`` (see :func:`_student_config`) or a copy of a block's."""
     if cfg.init == "fresh":
         dim = flow.event_shape[0] if len(flow.event_shape) == 1 else flow.event_shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + index)
-            net = (net_factory or (lambda d, c: build_net(d, c.net)))(dim, _student_config(flow.config, cfg))
+            net = (net_factory or (lambda d, c: build_net(d, c.net)))(dim, config)
     else:
         net = copy.deepcopy(flow.blocks[last_block].net)
     net = net.to(flow.device, flow._dtype())
@@ -601,6 +604,9 @@ def distill(
     net_cfg = getattr(flow.config, "net", None)
     if cfg.init == "fresh" and net_cfg is None and net_factory is None:
         raise ValueError("distill.init is 'fresh' and the flow has no config to build networks from: pass net_factory=")
+    if cfg.width is not None and net_cfg is None:
+        raise ValueError("distill.width changes the teacher's net config and this flow has none: use net_factory=")
+    student_config = _student_config(flow.config, cfg)  # refuses a width it cannot apply before any solve
     generator = generator or torch.Generator(flow.device).manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if pairs is None:
@@ -628,7 +634,7 @@ def distill(
     log: list[dict] = [{}] * len(spans)
     for i in reversed(range(len(spans))):  # train block n, hand its outputs on, go on (noise side first)
         a, b = spans[i]
-        student = Student(_student_net(flow, b, cfg, i, net_factory), cfg.steps_per_block, a, b)
+        student = Student(_student_net(flow, b, cfg, i, net_factory, student_config), cfg.steps_per_block, a, b)
         student.requires_grad_(True)
         inputs = {k: (current[k] if cfg.chained else paths[k][b + 1]) for k in current}
         sources = [

@@ -19,7 +19,6 @@ __all__ = ["SolverConfig", "Solution", "integrate", "divergence_exact", "diverge
 
 FIXED_METHODS = ("euler", "midpoint", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "dopri8")
-ERROR_NORMS = ("point", "batch")
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -183,6 +182,11 @@ def _batch_rms(y: Tensor) -> Tensor:
     return y.pow(2).mean().sqrt() if y.numel() else y.new_zeros(())
 
 
+#: ``solver.error_norm`` -> the adaptive solvers' error norm
+_ERROR_NORMS = {"point": _worst_point_rms, "batch": _batch_rms}
+ERROR_NORMS = tuple(_ERROR_NORMS)
+
+
 def integrate(
     velocity: Velocity,
     x: Tensor,
@@ -210,11 +214,8 @@ def integrate(
     times = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
     if isinstance(solver.grid_power, tuple):
         raise ValueError("a per-block solver.grid_power must be resolved first: pass solver.for_block(index)")
-    norm = _worst_point_rms if solver.error_norm == "point" else _batch_rms
-    if solver.adaptive:
-        options = {"norm": norm}
-    else:
-        options = {"grid_constructor": _fixed_grid(solver.steps, solver.grid_power)}
+    norm = _ERROR_NORMS[solver.error_norm]
+    options = {"norm": norm} if solver.adaptive else {"grid_constructor": _fixed_grid(solver.steps, solver.grid_power)}
     kwargs = {"rtol": solver.rtol, "atol": solver.atol} if solver.adaptive else {}
 
     if divergence is None:
