@@ -126,6 +126,13 @@ def parse_args() -> argparse.Namespace:
         "--lfm-push-points", type=int, default=None, help="LFM's block 1 trains on all points, N of them are pushed"
     )
     p.add_argument(
+        "--lfm-h",
+        type=float,
+        nargs="+",
+        default=None,
+        help="ablation: LFM's OU step sizes (+ the free block), each block as wide as keeps the total parameters",
+    )
+    p.add_argument(
         "--lfm-recipe",
         choices=("plain", "demo"),
         default="plain",
@@ -146,6 +153,8 @@ def parse_args() -> argparse.Namespace:
         a.name += f"_lfmpool{a.lfm_pool}"
     if a.lfm_push_points:
         a.name += f"_lfmpush{a.lfm_push_points}"
+    if a.lfm_h:
+        a.name += f"_lfmh{len(a.lfm_h)}"
     if a.lfm_recipe != "plain":
         a.name += f"_{a.lfm_recipe}"
     return a
@@ -373,6 +382,12 @@ def main() -> None:
         SUITE = dataclasses.replace(SUITE, lfm_pool=a.lfm_pool)
     if a.lfm_recipe == "demo":
         SUITE = dataclasses.replace(SUITE, lfm=DEMO_LFM)
+    if a.lfm_h:  # other OU steps at the same total parameter count (FM's twin keeps its width)
+        net, n = SUITE.lfm["net"], len(a.lfm_h) + 1
+        width = C.matched_width(2, net, C.n_blocks(SUITE.lfm) * C.mlp_params(2, net), copies=n)
+        blocks = {**SUITE.lfm["blocks"], "h": a.lfm_h}
+        lfm = {**SUITE.lfm, "net": {**net, "width": width}, "blocks": blocks}
+        SUITE = dataclasses.replace(SUITE, lfm=lfm, fm_width=SUITE.fm_net(2)["width"])
     if a.lfm_push_points:  # train.push_points; FM, the twin, has nothing to push
         train = {**SUITE.lfm.get("train", {}), "push_points": a.lfm_push_points}
         SUITE = dataclasses.replace(SUITE, lfm={**SUITE.lfm, "train": train})
@@ -403,7 +418,8 @@ def main() -> None:
             a.name,
             "Suite 1: 2-D densities, all contenders at an equal budget (issue 5)"
             + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else "")
-            + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else ""),
+            + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else "")
+            + (f"; ablation: LFM's OU steps h = {a.lfm_h} at the same total parameters" if a.lfm_h else ""),
             meta,
             sections(a, rows, missing),
             notes=notes,

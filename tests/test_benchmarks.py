@@ -95,6 +95,21 @@ def test_bench_2d_tiny_averages_training_seeds(tmp_path):
         assert line["LFM<=FM"] == (diff <= 0)
 
 
+def test_bench_2d_tiny_fewer_wider_lfm_blocks(tmp_path):
+    """``--lfm-h``: LFM with one OU block and the free block, each wider, at the default's total parameters;
+    FM keeps its network, and the run writes its own results file."""
+    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", "--lfm-h", "0.15")
+    assert not (tmp_path / "2d_tiny.json").exists()
+    payload = json.loads((tmp_path / "2d_tiny_lfmh1.json").read_text())
+    assert "h = [0.15]" in payload["title"]
+    for data in ("8gaussians", "moons"):
+        got = {r["contender"]: r for r in payload["raw"]["rows"]["runs"] if r["dataset"] == data}
+        assert got["LFM"]["steps"].count(",") == 1  # two blocks
+        assert got["LFM"]["nfe/sample"] == 32  # rk4 4 steps per block
+        assert got["FM"]["params"] == 34_842  # the 130-wide network of the default's FM twin
+        assert abs(got["LFM"]["params"] - got["FM"]["params"]) <= 0.01 * got["FM"]["params"]
+
+
 def test_bench_power_tiny(tmp_path):
     cache = tmp_path / "cache"
     payload = run_tiny("bench_power.py", tmp_path, "--defer-test", "--cache", str(cache))
