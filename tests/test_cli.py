@@ -120,6 +120,7 @@ def test_version_and_help(tmp_path: Path, capsys) -> None:
         (["train", "missing.yaml"], "config file not found"),
         (["train", str(SMALL), "--set", "train.stesp=3", "--dry-run"], "did you mean 'steps'"),
         (["train", str(SMALL), "--set", "train.lr=-1", "--dry-run"], "train.lr must be > 0"),
+        (["train", str(SMALL), "--set", "solver.logdet_control=maybe", "--dry-run"], "solver.logdet_control"),
         (["train", str(SMALL), "--set", "data=nosuchdata", "--dry-run"], "nosuchdata"),
         (["eval", "no_such_run"], "not a finished run"),
         (["sample", "no_such_run", "-n", "3"], "not a finished run"),
