@@ -47,7 +47,9 @@ class SolverConfig:
     on each point's log-determinant, not on the state alone (default ``False``: the state's steps,
     those of sampling and of the pushforward). The state can be solved to tolerance while its
     log-determinant is not: a field ``a(t) x`` near ``x = 0`` barely moves the state whatever
-    ``a`` does, and the log-determinant ``d * integral a dt`` came out 0.45 nats wrong.
+    ``a`` does, and the log-determinant ``d * integral a dt`` came out 0.45 nats wrong. On a
+    20-minute POWER LFM's worst test point, dopri5 at 1e-5 was 34 nats from rk4 x400 per block; with
+    the control, 0.2 nats.
     """
 
     method: str = "dopri5"
