@@ -383,10 +383,9 @@ def main() -> None:
     if a.lfm_recipe == "demo":
         SUITE = dataclasses.replace(SUITE, lfm=DEMO_LFM)
     if a.lfm_h:  # other OU steps at the same total parameter count (FM's twin keeps its width)
-        net, n = SUITE.lfm["net"], len(a.lfm_h) + 1
-        width = C.matched_width(2, net, C.n_blocks(SUITE.lfm) * C.mlp_params(2, net), copies=n)
+        width = C.blocks_width(2, SUITE.lfm, len(a.lfm_h) + 1)
         blocks = {**SUITE.lfm["blocks"], "h": a.lfm_h}
-        lfm = {**SUITE.lfm, "net": {**net, "width": width}, "blocks": blocks}
+        lfm = {**SUITE.lfm, "net": {**SUITE.lfm["net"], "width": width}, "blocks": blocks}
         SUITE = dataclasses.replace(SUITE, lfm=lfm, fm_width=SUITE.fm_net(2)["width"])
     if a.lfm_push_points:  # train.push_points; FM, the twin, has nothing to push
         train = {**SUITE.lfm.get("train", {}), "push_points": a.lfm_push_points}

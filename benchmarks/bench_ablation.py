@@ -78,9 +78,8 @@ def variant_config(changes: dict, width: int | None = None) -> dict:
     base["net"]["width"] = width or base["net"]["width"]
     cfg = {group: {**base.get(group, {}), **changes.get(group, {})} for group in base}
     cfg["train"]["steps"] = 10**8  # the wall-clock budget decides, shared equally among the blocks
-    n_base, n = (len(c["blocks"]["h"]) + c["blocks"].get("free_block", True) for c in (base, cfg))
-    if n != n_base:  # the width whose n blocks come closest to the default's parameter count
-        cfg["net"]["width"] = C.matched_width(DIM, base["net"], n_base * C.mlp_params(DIM, base["net"]), copies=n)
+    if (n := C.n_blocks(cfg)) != C.n_blocks(base):  # the width whose n blocks come closest to the default's count
+        cfg["net"]["width"] = C.blocks_width(DIM, base, n)
     return cfg
 
 

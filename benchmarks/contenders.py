@@ -142,10 +142,15 @@ def n_blocks(cfg: dict) -> int:
     return len(localfm.load_config({"blocks": cfg["blocks"]}).blocks.steps())
 
 
+def blocks_width(dim: int, lfm: dict, n: int) -> int:
+    """The MLP width at which ``n`` networks have the total parameter count of LFM's blocks."""
+    net = lfm["net"]
+    return matched_width(dim, net, n_blocks(lfm) * mlp_params(dim, net), copies=n)
+
+
 def fm_width(dim: int, lfm: dict) -> int:
     """The MLP width of global FM's one network at the total parameter count of LFM's blocks."""
-    net = lfm["net"]
-    return matched_width(dim, net, n_blocks(lfm) * mlp_params(dim, net))
+    return blocks_width(dim, lfm, 1)
 
 
 def fm_twin(lfm: dict, dim: int, width: int | None = None) -> dict:

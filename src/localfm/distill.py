@@ -477,8 +477,10 @@ def _zero_output_layer(net: nn.Module) -> nn.Module:
 
 def _student_config(teacher: FlowConfig | None, cfg: DistillConfig) -> FlowConfig | None:
     """The config the students' networks are built from: the teacher's, with ``cfg.width`` if set."""
-    if cfg.width is None or teacher is None:
+    if cfg.width is None:
         return teacher
+    if teacher is None:
+        raise ValueError("distill.width changes the teacher's net config and this flow has none: use net_factory=")
     if teacher.net.kind != "mlp":
         raise ValueError(f"distill.width applies to MLP students; the teacher's net.kind is {teacher.net.kind!r}")
     return dataclasses.replace(teacher, net=dataclasses.replace(teacher.net, width=cfg.width))
@@ -604,8 +606,6 @@ def distill(
     net_cfg = getattr(flow.config, "net", None)
     if cfg.init == "fresh" and net_cfg is None and net_factory is None:
         raise ValueError("distill.init is 'fresh' and the flow has no config to build networks from: pass net_factory=")
-    if cfg.width is not None and net_cfg is None:
-        raise ValueError("distill.width changes the teacher's net config and this flow has none: use net_factory=")
     student_config = _student_config(flow.config, cfg)  # refuses a width it cannot apply before any solve
     generator = generator or torch.Generator(flow.device).manual_seed(cfg.seed)
     t_start = time.perf_counter()
