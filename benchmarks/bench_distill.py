@@ -18,6 +18,8 @@ samples/s of the teacher (dopri5) and the students at the same batch, timed alte
     python benchmarks/bench_distill.py --quick --out DIR  # CI smoke run, under a minute
     python benchmarks/bench_distill.py --cache DIR     # keep trained teachers in DIR between runs
     python benchmarks/bench_distill.py --teachers-only # the two teachers alone (minutes; own results file)
+    python benchmarks/bench_distill.py --precise 80000 # the ED figures at 80k samples per seed (own file)
+    python benchmarks/bench_distill.py --teacher-seed 1  # teachers trained with seed 1 (files end _t1)
 """
 
 from __future__ import annotations
@@ -174,39 +176,41 @@ class Reference:
 
     FINE = 0.1
 
-    def __init__(self, y, block: int = 1024) -> None:
+    def __init__(self, y, block: int = 1024, kernels: bool = True) -> None:
         self.y = torch.as_tensor(y).double().flatten(1)
-        self.block = block
+        self.block, self.kernels = block, kernels  # kernels=False: energy distance alone (3x cheaper)
         sub = self.y[:2000]
         d = torch.cdist(sub, sub)
         self.bandwidth = float(d[torch.triu(torch.ones_like(d, dtype=torch.bool), 1)].median())
         self.yy = self._terms(self.y, self.y, same=True)
 
-    def _terms(self, a: torch.Tensor, b: torch.Tensor, same: bool) -> tuple[float, float, float]:
-        sums = [0.0, 0.0, 0.0]
+    def _terms(self, a: torch.Tensor, b: torch.Tensor, same: bool) -> tuple[float, ...]:
+        sums = [0.0, 0.0, 0.0] if self.kernels else [0.0]
         c, c_fine, B = 2 * self.bandwidth**2, 2 * (self.FINE * self.bandwidth) ** 2, self.block
         for i in range(0, a.shape[0], B):
             for j in range(i if same else 0, b.shape[0], B):
                 d = torch.cdist(a[i : i + B], b[j : j + B])
-                d2 = d * d
-                k, k_fine = torch.exp(-d2 / c), torch.exp(-d2 / c_fine)
-                if same and i == j:
-                    k.diagonal().zero_()
-                    k_fine.diagonal().zero_()
+                values = [d]
+                if self.kernels:
+                    d2 = d * d
+                    values += [torch.exp(-d2 / c), torch.exp(-d2 / c_fine)]
+                    if same and i == j:
+                        values[1].diagonal().zero_()
+                        values[2].diagonal().zero_()
                 w = 2.0 if same and j != i else 1.0  # off-diagonal blocks stand for their mirror too
-                for n, v in enumerate((d, k, k_fine)):
+                for n, v in enumerate(values):
                     sums[n] += w * float(v.sum())
         count = a.shape[0] * b.shape[0] - (a.shape[0] if same else 0)
-        return sums[0] / count, sums[1] / count, sums[2] / count
+        return tuple(v / count for v in sums)
 
     def __call__(self, x) -> dict[str, float]:
         x = torch.as_tensor(x).double().flatten(1)
         xy, xx = self._terms(x, self.y, same=False), self._terms(x, x, same=True)
-        return {
-            "energy_distance": 2 * xy[0] - xx[0] - self.yy[0],
-            "mmd": xx[1] + self.yy[1] - 2 * xy[1],
-            "mmd_fine": xx[2] + self.yy[2] - 2 * xy[2],
-        }
+        out = {"energy_distance": 2 * xy[0] - xx[0] - self.yy[0]}
+        if self.kernels:
+            out["mmd"] = xx[1] + self.yy[1] - 2 * xy[1]
+            out["mmd_fine"] = xx[2] + self.yy[2] - 2 * xy[2]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,62 +225,68 @@ def load_data(s: Setting) -> tuple[torch.Tensor, torch.Tensor, object]:
     return x, torch.from_numpy(ds.test[: s.n_eval]), ds
 
 
-def train_teacher(s: Setting, x: torch.Tensor, fm: bool, cache: Path | None) -> tuple[localfm.LocalFlow, float]:
+def results_name(s: Setting, args, kind: str = "") -> str:
+    """``distill_<data><kind>``, ``_t<seed>`` added for teachers trained with another seed."""
+    seed = f"_t{args.teacher_seed}" if args.teacher_seed else ""
+    return f"distill_{'quick' if args.quick else s.data}{kind}{seed}"
+
+
+def train_teacher(
+    s: Setting, x: torch.Tensor, fm: bool, cache: Path | None, seed: int = 0
+) -> tuple[localfm.LocalFlow, float]:
     cfg = s.flow_config(fm, x.shape[1])
     # the resolved config, defaults included: a changed library default must not reuse an old teacher
     resolved = to_dict(localfm.load_config(cfg))
-    key = hashlib.sha256(json.dumps([resolved, s.n_train, s.budget], sort_keys=True).encode()).hexdigest()[:12]
+    what = [resolved, s.n_train, s.budget] + ([seed] if seed else [])  # seed 0 keeps the keys made before seeds
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     path = cache / f"{s.data}-{'fm' if fm else 'lfm'}-{key}" if cache is not None else None
     if path is not None and path.is_dir():
         flow = localfm.load(path)
         return flow, sum(e["train_seconds"] + e["push_seconds"] for e in flow.training_log)
     t0 = time.perf_counter()
-    flow = localfm.fit(x, cfg, time_budget=s.budget, seed=0)
+    flow = localfm.fit(x, cfg, time_budget=s.budget, seed=seed)
     seconds = time.perf_counter() - t0
     if path is not None:
         flow.save(path)
     return flow, seconds
 
 
-def evaluate(name: str, sampler, nfe, s: Setting, ref: Reference, check: list) -> dict:
-    """Mean and spread over seeds of both metrics; ``sampler(n, generator)`` draws samples."""
-    eds, mmds, fines, secs = [], [], [], []
+SHORT = {"energy_distance": "ed", "mmd": "mmd", "mmd_fine": "mmd_fine"}  # metric -> its per-seed key
+
+
+def evaluate(name: str, sampler, nfe, s: Setting, ref: Reference, check: list, n: int | None = None) -> dict:
+    """Mean and spread over seeds of the metrics ``ref`` computes; ``sampler(n, generator)`` draws
+    ``n`` samples (default ``s.n_eval``)."""
+    per_seed: dict[str, list[float]] = {}
+    secs = []
     for seed in s.seeds:
         t0 = time.perf_counter()
-        xs = sampler(s.n_eval, torch.Generator().manual_seed(1000 + seed))
+        xs = sampler(n or s.n_eval, torch.Generator().manual_seed(1000 + seed))
         secs.append(time.perf_counter() - t0)
         m = ref(xs)
         if not check:  # the cached statistics against localfm.metrics, once per run, on 3000 points
-            small, xs3 = Reference(ref.y[:3000]), xs[:3000]
+            small, xs3 = Reference(ref.y[:3000], kernels=ref.kernels), xs[:3000]
             ours = small(xs3)
-            theirs = {
-                "energy_distance": metrics.energy_distance(xs3, small.y),
-                "mmd": metrics.mmd(xs3, small.y),
-                "mmd_fine": metrics.mmd(xs3, small.y, bandwidth=small.FINE * small.bandwidth),
-            }
+            theirs = {"energy_distance": metrics.energy_distance(xs3, small.y)}
+            if ref.kernels:
+                theirs["mmd"] = metrics.mmd(xs3, small.y)
+                theirs["mmd_fine"] = metrics.mmd(xs3, small.y, bandwidth=small.FINE * small.bandwidth)
             check.append({k: [ours[k], v] for k, v in theirs.items()})
             if not all(math.isclose(ours[k], v, rel_tol=1e-6, abs_tol=1e-12) for k, v in theirs.items()):
                 raise RuntimeError(f"cached metrics disagree with localfm.metrics: {check[-1]}")
-        eds.append(m["energy_distance"])
-        mmds.append(m["mmd"])
-        fines.append(m["mmd_fine"])
-    row = {
-        "model": name,
-        "nfe": nfe,
-        "energy_distance": statistics.fmean(eds),
-        "ed_std": statistics.stdev(eds) if len(eds) > 1 else math.nan,
-        "mmd": statistics.fmean(mmds),
-        "mmd_std": statistics.stdev(mmds) if len(mmds) > 1 else math.nan,
-        "mmd_fine": statistics.fmean(fines),
-        "mmd_fine_std": statistics.stdev(fines) if len(fines) > 1 else math.nan,
-        "sample_s": median(secs),
-    }
+        for k, v in m.items():
+            per_seed.setdefault(k, []).append(v)
+    row: dict = {"model": name, "nfe": nfe}
+    for key, v in per_seed.items():
+        row |= {key: statistics.fmean(v), f"{SHORT[key]}_std": statistics.stdev(v) if len(v) > 1 else math.nan}
+    row["sample_s"] = median(secs)
     print(
-        f"  {name:38s} nfe {nfe:>7} ED {row['energy_distance']:.5f} ± {row['ed_std']:.5f}  MMD {row['mmd']:.6f}"
-        f"  fine MMD {row['mmd_fine']:.6f}",
+        f"  {name:38s} nfe {nfe:>7} "
+        + "  ".join(f"{k} {row[k]:.3g}" for k in ("energy_distance", "mmd", "mmd_fine") if k in row)
+        + f" (sd ED {row['ed_std']:.2g})",
         flush=True,
     )
-    return row | {"per_seed_ed": eds, "per_seed_mmd": mmds, "per_seed_mmd_fine": fines}
+    return row | {f"per_seed_{SHORT[k]}": v for k, v in per_seed.items()}
 
 
 def paired(a: dict, b: dict, key: str) -> str:
@@ -505,7 +515,7 @@ def ablate(s: Setting, args, threads: int) -> None:
     t_start = time.perf_counter()
     x, x_test, _ = load_data(s)
     ref, check, rows = Reference(x_test), [], []
-    teachers = {label: train_teacher(s, x, label == "FM", args.cache)[0] for label in ("LFM", "FM")}
+    teachers = {label: train_teacher(s, x, label == "FM", args.cache, args.teacher_seed)[0] for label in ("LFM", "FM")}
     pairs = {
         label: teacher_pairs(
             flow,
@@ -557,7 +567,7 @@ def ablate(s: Setting, args, threads: int) -> None:
             }
         )
     total = time.perf_counter() - t_start
-    name = f"distill_{'quick' if args.quick else s.data}_ablation"
+    name = results_name(s, args, "_ablation")
     table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
     notes = (
         f"Total run time {total:.0f} s. Same teachers, pairs and evaluation as `distill_{s.data}` "
@@ -568,7 +578,9 @@ def ablate(s: Setting, args, threads: int) -> None:
         "student's held-out error over the teacher's displacement, data side first. `paired Δ...`: mean ± sd over "
         "seeds of the per-seed difference to the row's own teacher (same noise seeds, same test points)."
     )
-    meta = metadata({"teacher fit": 0, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
+    meta = metadata(
+        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
+    )
     write_results(
         name,
         f"Distillation ablations: {s.data}",
@@ -586,7 +598,159 @@ def ablate(s: Setting, args, threads: int) -> None:
     print(f"total {total:.0f} s", flush=True)
 
 
-def write_teachers(name: str, s: Setting, rows: list[dict], log: dict, check: list, threads: int, total: float) -> None:
+def precise(s: Setting, args, threads: int) -> None:
+    """``--precise N``: the issue's energy-distance figures at a resolution that can decide them.
+
+    At ``s.n_eval`` samples against as many test points, the estimate's spread over seeds is larger
+    than the teachers' own energy distances, so a ratio to the teacher's is noise. Here each seed
+    scores N samples against N reference points (tree: fresh draws of the true density; POWER: the
+    first N test points), energy distance alone. A noise-floor row scores exact draws the same way
+    (tree: fresh draws; POWER: a new random N of the test points outside the reference per seed).
+    Models: the LFM teacher (dopri5), its student with one step per block, and the FM student with
+    the same number of network evaluations; teachers, pairs and students as in the main run.
+    """
+    t_start, n = time.perf_counter(), args.precise
+    x, _, ds = load_data(s)
+    if ds.sampler is not None:
+        y = torch.from_numpy(ds.sampler(n, np.random.default_rng(12345)))
+
+        def floor(m, g):
+            return torch.from_numpy(ds.sampler(m, np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))))
+
+        floor_name, reference = "data (fresh draws of the density)", f"{n:,} fresh draws of the density"
+    else:
+        test = torch.from_numpy(ds.test)
+        if 2 * n > test.shape[0]:
+            raise SystemExit(f"--precise {n}: needs 2N <= {test.shape[0]:,} test points (reference and noise floor)")
+        y, rest = test[:n], test[n:]
+
+        def floor(m, g):
+            return rest[torch.randperm(rest.shape[0], generator=g)[:m]]
+
+        floor_name = f"test points outside the reference ({rest.shape[0]:,}, a random {n:,} per seed)"
+        reference = f"the first {n:,} test points"
+    ref, check, rows = Reference(y, kernels=False), [], []
+    print(f"reference: {reference}; {n:,} samples per seed, seeds {list(s.seeds)}", flush=True)
+    rows.append(evaluate(floor_name, floor, 0, s, ref, check, n=n) | {"kind": "data"})
+    flows = {label: train_teacher(s, x, label == "FM", args.cache, args.teacher_seed)[0] for label in ("LFM", "FM")}
+    lfm_flow = flows["LFM"]
+    teacher = evaluate(
+        f"LFM teacher dopri5 tol {TEACHER_SOLVER.rtol:g}",
+        lambda m, g: lfm_flow.sample(m, generator=g, solver=TEACHER_SOLVER),
+        teacher_nfe(lfm_flow, TEACHER_SOLVER, s.n_eval),
+        s,
+        ref,
+        check,
+        n=n,
+    )
+    rows.append(teacher | {"kind": "LFM teacher dopri5"})
+    students = {}
+    for label, k in (("LFM", 1), ("FM", len(lfm_flow))):  # FM: as many evaluations as LFM's k=1 chain
+        flow = flows[label]
+        pair_cfg = DistillConfig(data_pairs=s.data_pairs, generation_pairs=s.generation_pairs, solver=TEACHER_SOLVER)
+        pairs = teacher_pairs(flow, pair_cfg, x_train=x, generator=torch.Generator().manual_seed(0))
+        model = distill(flow, distil_config(s, k, 1), pairs=pairs, generator=torch.Generator().manual_seed(0))
+        name = f"{label} student k={k}"
+        students[label] = evaluate(
+            name, lambda m, g, model=model: model.sample(m, generator=g), model.nfe, s, ref, check, n=n
+        )
+        rows.append(students[label] | {"kind": f"{label} student"})
+    figures = precise_figures(rows[0], teacher, students["LFM"], students["FM"])
+    for f in figures:
+        print(f"  {f['figure']}: {f['measured']} ({f['note']})", flush=True)
+    total = time.perf_counter() - t_start
+    name = results_name(s, args, "_precise")
+    notes = (
+        f"The energy-distance figures of `distill_{s.data}` at higher resolution: per seed, {n:,} samples "
+        f"against {reference} (energy distance alone, float64), seeds {list(s.seeds)}; teacher training seed "
+        f"{args.teacher_seed}. Noise floor: {floor_name}. `se`: standard error over seeds; paired differences "
+        "use the same noise seeds and reference points for both models, so the teacher's and student's shared "
+        f"noise cancels. Run time {total:.0f} s."
+    )
+    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    meta = metadata(
+        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
+    )
+    write_results(
+        name,
+        f"Distillation (issue 6), energy distance at {n:,} points: {s.data}",
+        meta,
+        {"Figures": figures, "Energy distance": table},
+        notes=notes,
+        raw={"per_seed": {r["model"]: r["per_seed_ed"] for r in rows}, "metric_check": check},
+    )
+    print(f"total {total:.0f} s", flush=True)
+
+
+def precise_figures(floor: dict, teacher: dict, lfm: dict, fm: dict) -> list[dict]:
+    """The ratio to the teacher and the equal-NFE comparison, each with its standard errors.
+
+    Against a fixed reference every estimate carries the same offset (the reference's own
+    fluctuation, of the order of the noise); the floor row, exact draws scored against the same
+    reference, measures it, so a model's energy distance is its estimate minus the floor's. Paired
+    differences between models (same noise seeds) carry no offset and little noise.
+    """
+
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+        return statistics.fmean(values), se
+
+    f, f_se = mean_se(floor["per_seed_ed"])
+    t_raw, t_raw_se = mean_se(teacher["per_seed_ed"])
+    t, t_se = t_raw - f, math.hypot(t_raw_se, f_se)  # the teacher's ED over exact draws'
+    d, d_se = mean_se([a - b for a, b in zip(lfm["per_seed_ed"], teacher["per_seed_ed"], strict=True)])
+    e, e_se = mean_se([a - b for a, b in zip(lfm["per_seed_ed"], fm["per_seed_ed"], strict=True)])
+    resolved = t > 2 * t_se
+    # ratio = 1 + d / t; its pessimistic end: the difference 2 SE higher over the teacher's ED 2 SE lower
+    bound = 1 + (d + 2 * d_se) / (t - 2 * t_se) if resolved else math.inf
+    return [
+        {
+            "figure": "noise floor: ED of exact draws against the reference",
+            "target": "(resolution)",
+            "measured": f"{f:.3g} ± {f_se:.2g}",
+            "reached": None,
+            "note": "the offset every estimate shares (subtracted below) and the noise of one model's mean",
+        },
+        {
+            "figure": "ED(LFM teacher dopri5), over the floor",
+            "target": "(context) above 0",
+            "measured": f"{t:.3g} ± {t_se:.2g}",
+            "reached": bool(resolved) if abs(t) > 2 * t_se else None,
+            "note": f"estimate {t_raw:.3g} ± {t_raw_se:.2g} minus the floor",
+        },
+        {
+            "figure": f"ED({lfm['model']}, {lfm['nfe']} NFE) / ED(LFM teacher dopri5)",
+            "target": "<= 1.5",
+            "measured": f"{(t + d) / t:.3g}" if resolved else "undefined: the teacher's ED is not above 0 at 2 SE",
+            "reached": bool((t + d) / t <= 1.5) if resolved else None,
+            "note": f"paired student - teacher {d:+.3g} ± {d_se:.2g}; ratio with both 2 SE against it: {bound:.3g}",
+        },
+        {
+            "figure": f"{lfm['model']} vs {fm['model']} ({fm['nfe']} NFE each)",
+            "target": "LFM lower ED",
+            "measured": f"paired LFM - FM {e:+.3g} ± {e_se:.2g}",
+            "reached": bool(e < 0) if abs(e) > 2 * e_se else None,
+            "note": f"ED over the floor {lfm['energy_distance'] - f:.3g} vs {fm['energy_distance'] - f:.3g}",
+        },
+    ]
+
+
+def render_precise(name: str) -> None:
+    """``--precise N --render``: the figures of a saved precise run again, from its per-seed estimates."""
+    payload = json.loads((_common.RESULTS / f"{name}.json").read_text())
+    rows = [r | {"per_seed_ed": payload["raw"]["per_seed"][r["model"]]} for r in payload["sections"]["Energy distance"]]
+    by = {r["kind"]: r for r in rows}
+    payload["sections"]["Figures"] = precise_figures(
+        by["data"], by["LFM teacher dopri5"], by["LFM student"], by["FM student"]
+    )
+    meta = payload["meta"]
+    meta["rendered"] = f"{metadata({})['date']} at {_common.git_revision()} by `{_common.command_line()}`"
+    write_results(name, payload["title"], meta, payload["sections"], notes=payload["notes"], raw=payload["raw"])
+
+
+def write_teachers(
+    name: str, s: Setting, rows: list[dict], log: dict, check: list, threads: int, total: float, seed: int
+) -> None:
     """``--teachers-only``: the two teachers' sample quality and test NLL, paired LFM - FM."""
     lfm, fm = (next(r for r in rows if r["kind"] == f"{label} teacher dopri5") for label in ("LFM", "FM"))
     nll_se = math.hypot(lfm["test_nll_se"], fm["test_nll_se"])
@@ -605,7 +769,7 @@ def write_teachers(name: str, s: Setting, rows: list[dict], log: dict, check: li
         f"`test_nll` on those test points with each model's own solver. Run time {total:.0f} s."
     )
     table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
-    meta = metadata({"teacher fit": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
+    meta = metadata({"teacher fit": seed, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
     write_results(
         name,
         f"Distillation teachers (issue 6): {s.data}",
@@ -648,13 +812,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--render", action="store_true", help="recompute the figures of the saved results, no runs")
     parser.add_argument("--teachers-only", action="store_true", help="train (or load) and score the teachers only")
+    parser.add_argument(
+        "--precise", type=int, default=None, metavar="N", help="the ED figures at N samples per seed (own results file)"
+    )
+    parser.add_argument("--teacher-seed", type=int, default=0, help="training seed of both teachers (default 0)")
     args = parser.parse_args()
     s = SETTINGS["quick" if args.quick else args.data]()
     threads = _common.start(args.out, args.threads)
+    if args.render and args.precise:
+        return render_precise(results_name(s, args, "_precise"))
     if args.render:
-        return render_saved("distill_quick" if args.quick else f"distill_{s.data}")
+        return render_saved(results_name(s, args))
     if args.ablate:
         return ablate(s, args, threads)
+    if args.precise:
+        return precise(s, args, threads)
     t_start = time.perf_counter()
     x, x_test, ds = load_data(s)
     ref = Reference(x_test)
@@ -673,7 +845,7 @@ def main() -> None:
         rows.append(evaluate("data (fresh draws of the density)", draw, 0, s, ref, check) | {"kind": "data"})
 
     for label, fm in (("LFM", False), ("FM", True)):
-        flow, fit_s = train_teacher(s, x, fm, args.cache)
+        flow, fit_s = train_teacher(s, x, fm, args.cache, args.teacher_seed)
         params = sum(p.numel() for p in flow.parameters())
         steps = [e["steps"] for e in flow.training_log]
         log["teachers"][label] = {
@@ -717,8 +889,8 @@ def main() -> None:
         specs = s.lfm_students if not fm else tuple((k, 1) for k in s.fm_students)
         distil_all(flow, pairs, specs, s, label, rows, ref, check, models, log)
     if args.teachers_only:
-        name = f"distill_{'quick' if args.quick else s.data}_teachers"
-        return write_teachers(name, s, rows, log, check, threads, time.perf_counter() - t_start)
+        name = results_name(s, args, "_teachers")
+        return write_teachers(name, s, rows, log, check, threads, time.perf_counter() - t_start, args.teacher_seed)
     for r in rows:
         if r["kind"] == "LFM student" and "merged" in r["model"]:
             r["kind"] = "LFM merged student"
@@ -758,7 +930,7 @@ def main() -> None:
         print(f"  {f['figure']}: {f['measured']} (target {f['target']}): {verdict[f['reached']]}")
 
     total = time.perf_counter() - t_start
-    name = "distill_quick" if args.quick else f"distill_{s.data}"
+    name = results_name(s, args)
     table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
     t = log["teachers"]
     lfm_t, fm_t = t["LFM"], t["FM"]
@@ -778,7 +950,9 @@ def main() -> None:
         f"evaluations per sample (dopri5: measured on one batch). {COST_NOTE} The machine is shared with other "
         "jobs: speed ratios come from variants timed alternately (medians)."
     )
-    meta = metadata({"teacher fit": 0, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
+    meta = metadata(
+        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
+    )
     png = _common.RESULTS / f"{name}.png"
     n_plot, g_plot = 10_000 if not args.quick else 2000, 3
     samples = {"test data": x_test[:n_plot].numpy()}

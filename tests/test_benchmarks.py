@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,59 @@ def test_bench_distill_teachers_only(tmp_path):
     got = payload["sections"]["LFM against FM"]["test NLL, LFM - FM (own solvers)"]
     assert float(got.split()[0]) == pytest.approx(lfm["test_nll"] - fm["test_nll"], abs=1e-4)
     assert not (tmp_path / "distill_quick.json").exists()
+
+
+def test_bench_distill_precise(tmp_path):
+    """``--precise N``: the ED figures from N samples per seed against N reference points, with a
+    noise floor of exact draws, teachers trained with the seed asked for, its own results file;
+    ``--render`` gives the same figures from the saved estimates."""
+    args = ("bench_distill.py", "--quick", "--precise", "3000", "--teacher-seed", "1", "--out", str(tmp_path))
+    run_script(*args)
+    path = tmp_path / "distill_quick_precise_t1.json"
+    payload = json.loads(path.read_text())
+    assert payload["meta"]["seeds"]["teacher fit"] == 1
+    rows = {r["kind"]: r for r in payload["sections"]["Energy distance"]}
+    assert set(rows) == {"data", "LFM teacher dopri5", "LFM student", "FM student"}
+    assert rows["LFM student"]["nfe"] == rows["FM student"]["nfe"] == 3  # equal evaluations: 3 blocks
+    assert "mmd" not in rows["data"]  # energy distance alone
+    (ours, theirs) = payload["raw"]["metric_check"][0]["energy_distance"]
+    assert ours == pytest.approx(theirs, rel=1e-6)  # the cached ED agrees with localfm.metrics
+    per_seed = payload["raw"]["per_seed"]
+    figures = {f["target"]: f for f in payload["sections"]["Figures"]}
+    teacher = per_seed[rows["LFM teacher dopri5"]["model"]]
+    diff = [a - b for a, b in zip(per_seed["LFM student k=1"], teacher, strict=True)]
+    assert f"{statistics.fmean(diff):+.3g}" in figures["<= 1.5"]["note"]
+    over_floor = statistics.fmean(teacher) - statistics.fmean(per_seed[rows["data"]["model"]])
+    assert figures["(context) above 0"]["measured"].startswith(f"{over_floor:.3g} ")
+    assert figures["LFM lower ED"]["measured"].startswith("paired LFM - FM")
+    path.write_text(json.dumps({**payload, "sections": {**payload["sections"], "Figures": []}}))
+    run_script(*args, "--render")
+    assert json.loads(path.read_text())["sections"]["Figures"] == payload["sections"]["Figures"]
+
+
+def test_precise_figures_decide_only_what_the_errors_allow():
+    """The teacher's ED is taken over the floor's (the reference's shared offset); the ratio only over a
+    teacher ED resolved above zero; the comparison only beyond 2 SE."""
+    sys.path.insert(0, str(BENCH))
+    from bench_distill import precise_figures
+
+    def row(name, values, nfe=4):
+        return {"model": name, "nfe": nfe, "energy_distance": statistics.fmean(values), "per_seed_ed": values}
+
+    floor = row("data", [-1e-4 + v for v in (1e-6, -1e-6, 2e-6, -2e-6, 0.0)], 0)  # an offset of -1e-4
+    teacher = row("T", [v - 1e-4 for v in (1.0e-3, 1.1e-3, 0.9e-3, 1.0e-3, 1.0e-3)])
+    good = row("S", [v + 2e-4 for v in teacher["per_seed_ed"]])
+    fm = row("F", [v + 5e-4 + 1e-5 * i for i, v in enumerate(teacher["per_seed_ed"])])
+    _, t, ratio, versus = precise_figures(floor, teacher, good, fm)
+    assert t["reached"] is True and t["measured"].startswith("0.001 ")  # the offset removed
+    assert ratio["reached"] is True and ratio["measured"] == "1.2"
+    assert versus["reached"] is True  # LFM lower by 3e-4, far beyond its error
+    bad = row("S", [v + 6e-4 for v in teacher["per_seed_ed"]])
+    assert precise_figures(floor, teacher, bad, fm)[2]["reached"] is False
+    unresolved = row("T", [v - 1e-4 for v in (1e-5, -2e-5, 3e-5, -1e-5, 0.0)])
+    assert precise_figures(floor, unresolved, good, fm)[2]["reached"] is None
+    tie = row("F", [v + (-1) ** i * 1e-4 for i, v in enumerate(good["per_seed_ed"])])
+    assert precise_figures(floor, teacher, good, tie)[3]["reached"] is None
 
 
 def test_bench_pools_quick(tmp_path):
