@@ -231,6 +231,18 @@ def results_name(s: Setting, args, kind: str = "") -> str:
     return f"distill_{'quick' if args.quick else s.data}{kind}{seed}"
 
 
+def run_metadata(s: Setting, args, threads: int) -> dict:
+    """The ``meta`` record of a run: its teacher, distillation and sampling seeds."""
+    return metadata(
+        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
+    )
+
+
+def without_per_seed(rows: list[dict]) -> list[dict]:
+    """Rows as tabled: the per-seed lists live in the results' raw section."""
+    return [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+
+
 def train_teacher(
     s: Setting, x: torch.Tensor, fm: bool, cache: Path | None, seed: int = 0
 ) -> tuple[localfm.LocalFlow, float]:
@@ -568,19 +580,17 @@ def ablate(s: Setting, args, threads: int) -> None:
         )
     total = time.perf_counter() - t_start
     name = results_name(s, args, "_ablation")
-    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    table = without_per_seed(rows)
     notes = (
         f"Total run time {total:.0f} s. Same teachers, pairs and evaluation as `distill_{s.data}` "
         f"({s.n_eval} samples vs {s.n_eval} test points, mean ± sd over seeds {list(s.seeds)}); each row changes one "
-        f"setting of the LFM k=1 student (defaults: {s.distill_steps} optimiser steps in all, lr {s.distill_lr}). "
+        f"setting of the LFM k=1 student (defaults: {s.student_steps} optimiser steps in all, lr {s.distill_lr}). "
         "`val_rms_error_data_side`: rms distance, in standardised units, between the student chain's output and "
         "the teacher's on held-out noise (chained or merged students only); `val_relative_error_per_student`: each "
         "student's held-out error over the teacher's displacement, data side first. `paired Δ...`: mean ± sd over "
         "seeds of the per-seed difference to the row's own teacher (same noise seeds, same test points)."
     )
-    meta = metadata(
-        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
-    )
+    meta = run_metadata(s, args, threads)
     write_results(
         name,
         f"Distillation ablations: {s.data}",
@@ -667,10 +677,8 @@ def precise(s: Setting, args, threads: int) -> None:
         "use the same noise seeds and reference points for both models, so the teacher's and student's shared "
         f"noise cancels. Run time {total:.0f} s."
     )
-    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
-    meta = metadata(
-        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
-    )
+    table = without_per_seed(rows)
+    meta = run_metadata(s, args, threads)
     write_results(
         name,
         f"Distillation (issue 6), energy distance at {n:,} points: {s.data}",
@@ -768,7 +776,7 @@ def write_teachers(
         f"Samples by dopri5 (1e-5): {s.n_eval} against {s.n_eval} test points, seeds {list(s.seeds)}; "
         f"`test_nll` on those test points with each model's own solver. Run time {total:.0f} s."
     )
-    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    table = without_per_seed(rows)
     meta = metadata({"teacher fit": seed, "sampling": [1000 + k for k in s.seeds]}, threads=threads)
     write_results(
         name,
@@ -792,7 +800,7 @@ def render_saved(name: str) -> None:
         rows.append(row | {"cost": network_cost(row, raw["log"])})
     lfm1 = next(r["model"] for r in rows if r["kind"] == "LFM student" and r["model"].startswith("LFM student k=1"))
     sec["Figures"] = issue_figures(rows, sec["Sampling speed"], lfm1)
-    sec["Quality vs network evaluations"] = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    sec["Quality vs network evaluations"] = without_per_seed(rows)
     meta = payload["meta"]
     meta["rendered"] = f"{metadata({})['date']} at {_common.git_revision()} by `{_common.command_line()}`"
     notes = payload["notes"] if COST_NOTE in payload["notes"] else f"{payload['notes']}\n\n{COST_NOTE}"
@@ -931,7 +939,7 @@ def main() -> None:
 
     total = time.perf_counter() - t_start
     name = results_name(s, args)
-    table = [{k: v for k, v in r.items() if not k.startswith("per_seed")} for r in rows]
+    table = without_per_seed(rows)
     t = log["teachers"]
     lfm_t, fm_t = t["LFM"], t["FM"]
     notes = (
@@ -950,9 +958,7 @@ def main() -> None:
         f"evaluations per sample (dopri5: measured on one batch). {COST_NOTE} The machine is shared with other "
         "jobs: speed ratios come from variants timed alternately (medians)."
     )
-    meta = metadata(
-        {"teacher fit": args.teacher_seed, "distillation": 0, "sampling": [1000 + k for k in s.seeds]}, threads=threads
-    )
+    meta = run_metadata(s, args, threads)
     png = _common.RESULTS / f"{name}.png"
     n_plot, g_plot = 10_000 if not args.quick else 2000, 3
     samples = {"test data": x_test[:n_plot].numpy()}
