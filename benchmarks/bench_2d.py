@@ -52,13 +52,16 @@ DATASETS = [d.name for d in datasets.list_datasets() if d.kind == "2d"]
 TARGETS = ("8gaussians", "rings", "moons")  # the issue's gap <= 0.1 nats checks
 SOLVER = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
 LFM_SOLVER = {"method": "rk4", "steps": 4}
+# Every ODE model's likelihood (sweep and test) comes from this one solver, so that no contender's
+# NLL carries its own solver's error; the solver check reports how far its own solver is from it.
+NLL_SOLVER = C.SolverConfig(**SOLVER)
 
 # LFM: 3 OU blocks (POWER's step sizes, total OU time 0.6) + the free block, each an MLP 64x3 with
 # softplus(beta = 20) as in the authors' 2-D setting; FM: one MLP of the same total size (130 wide).
-# LFM's blocks are close to the identity: rk4 with 4 steps per block serves its pushforward, its
-# likelihood and its samples alike (dopri5 pushes of the 100k-point pool took up to half of a 40 s
-# budget on the loaded machine). FM and torchcfm integrate their one global field with dopri5.
-# The solver check measures each ODE model's NLL with dopri5 against its own solver.
+# LFM's blocks are close to the identity: rk4 with 4 steps per block serves its pushforward and its
+# samples (dopri5 pushes of the 100k-point pool took up to half of a 40 s budget on the loaded
+# machine). FM and torchcfm integrate their one global field with dopri5. Every likelihood comes
+# from NLL_SOLVER; the solver check measures each ODE model's own solver against it.
 SUITE = C.Suite(
     lfm={
         "net": {"width": 64, "depth": 3, "activation": "softplus", "beta": 20.0},
@@ -91,7 +94,8 @@ NOTES = {
     "brackets its standard error, between seeds where there are several (retraining moves a gap by more "
     "than the test points' error), else over the test points. `LFM<=FM`: the mean over the seeds both "
     "have of LFM's gap minus FM's (the same test points, so of LFM's test NLL minus FM's) is at most 0.",
-    S_ROWS: "`nll` ± `nll_se`: test NLL (nats) on the whole test split; `H`: true entropy (Monte Carlo, "
+    S_ROWS: "`nll` ± `nll_se`: test NLL (nats) on the whole test split, with `nll_solver` (rows without it "
+    "are older and used each model's own solver); `H`: true entropy (Monte Carlo, "
     "200k points); `nll-H` carries the test sample's noise, `paired_gap` much less. `train_s`: wall-clock "
     "of training (pushforward included, `push_s`); `nfe/sample`: network evaluations per sample (ODE "
     "models: over all blocks, dopri5; zuko: hyper-network passes); `ED`: energy distance of 10k samples "
@@ -144,7 +148,7 @@ def parse_args() -> argparse.Namespace:
     if a.tiny:
         a.budget, a.sweep_budget = 1.0, 0.5
         a.sweep_data, a.datasets = ["8gaussians"], ["8gaussians", "moons"]
-        a.lrs, a.batches, a.n_samples, a.n_check = [1e-3, 3e-3], [256], 500, 200
+        a.lrs, a.batches, a.n_samples, a.n_check = [1e-3, 3e-3], [256], 500, 1_000
     a.sweep_budget = a.sweep_budget or a.budget
     a.train_seeds = a.train_seeds or [a.seed]
     a.sizes = (4_000, 500, 1_000) if a.tiny else None
@@ -177,7 +181,7 @@ def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
                 if C.find(sweep, **key):
                     continue
                 tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.sweep_budget, seed=a.seed)
-                summary = C.metrics.nll_summary(tr.log_prob(x_val).double())
+                summary = C.metrics.nll_summary(C.nll_log_prob(tr, NLL_SOLVER)(x_val).double())
                 sweep.append({**key, "val_nll": summary["nll"], "val_se": summary["nll_se"], "steps": tr.steps})
                 print(f"[2d sweep] {data} {name} {s.label}: val NLL {summary['nll']:.4f}", flush=True)
                 publish()
@@ -225,7 +229,7 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
             if C.find(runs, **key):
                 continue
             tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.budget, seed=seed)
-            ev = C.evaluate(tr, x_test, n_samples=a.n_samples, seed=seed + 1, true_log_prob=true_lp)
+            ev = C.evaluate(tr, x_test, n_samples=a.n_samples, seed=seed + 1, true_log_prob=true_lp, solver=NLL_SOLVER)
             check = C.solver_check(tr, x_test[: a.n_check])
             row = {
                 **key,
@@ -233,6 +237,7 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
                 "params": tr.n_params,
                 "nll": ev["nll"],
                 "nll_se": ev["nll_se"],
+                "nll_solver": "dopri5 1e-5" if tr.flow is not None else "exact",
                 "H": H,
                 "nll-H": ev["nll"] - H,
                 "paired_gap": ev["paired_gap"],
@@ -331,7 +336,7 @@ def sections(a, rows: dict, missing: dict) -> dict:
     if missing:
         checks["skipped (package not installed)"] = ", ".join(missing)
     out[S_CHECKS] = checks
-    cols = ["dataset", "contender", "seed", "setting", "params", "nll", "nll_se", "H", "nll-H"]
+    cols = ["dataset", "contender", "seed", "setting", "params", "nll", "nll_se", "nll_solver", "H", "nll-H"]
     cols += ["paired_gap", "paired_gap_se"]
     cols += ["ED", "train_s", "push_s", "steps", "sample_s", "nfe/sample", "solver_diff", "load_1min"]
     out[S_ROWS] = [{c: r.get(c) for c in cols} for r in runs]

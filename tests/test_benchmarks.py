@@ -62,6 +62,11 @@ def test_bench_2d_tiny(tmp_path):
             assert math.isfinite(r["paired_gap"]) and math.isfinite(r["ED"])
             assert r["nll-H"] == pytest.approx(r["nll"] - r["H"])
             assert r["nfe/sample"] >= 1
+        # one reference solver gives every ODE model's NLL (the solver check ran on the same 1,000 points)
+        for name in ("LFM", "FM", "torchcfm"):
+            if name in got:
+                assert got[name]["nll_solver"] == "dopri5 1e-5"
+                assert got[name]["nll"] == pytest.approx(got[name]["dopri5_nll"], abs=1e-5)
         # equal total parameters for LFM (4 blocks) and global FM (one wider block)
         assert abs(got["LFM"]["params"] - got["FM"]["params"]) <= 0.002 * got["LFM"]["params"]
         assert got["LFM"]["steps"].count(",") == 3 and "," not in got["FM"]["steps"]
