@@ -154,12 +154,6 @@ def parse_args() -> argparse.Namespace:
     return a
 
 
-def lfm_solver(spec: str) -> dict:
-    """``"dopri5"`` or ``"rk4:4"`` as a solver dict (the adaptive ones at rtol = atol = 1e-5)."""
-    method, _, steps = spec.partition(":")
-    return {"method": method, "steps": int(steps)} if steps else {"method": method, "rtol": 1e-5, "atol": 1e-5}
-
-
 def load_power(a) -> dict[str, torch.Tensor]:
     ds = datasets.load("power")
     rng = np.random.default_rng(a.seed)
@@ -568,7 +562,7 @@ def main() -> None:
     store = Store(a, publish)
     if a.lfm_solver:
         global SUITE
-        SUITE = dataclasses.replace(SUITE, lfm={**SUITE.lfm, "solver": lfm_solver(a.lfm_solver)})
+        SUITE = dataclasses.replace(SUITE, lfm={**SUITE.lfm, "solver": C.solver_spec(a.lfm_solver)})
     if a.sweep_from and not store.rows().get("sweep"):
         for r in C.load_rows(a.sweep_from).get("sweep", []):
             store.commit("sweep", r)

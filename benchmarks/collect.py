@@ -18,6 +18,7 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 # Issue 5's comparison suites: the sections whose figures lead the page.
 HEADLINES = {
     "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
+    "2d_300s": ("Suite 1, 2-D densities at 300 s, swept at 300 s", ["The issue's figures"]),
     "power": ("Suite 2, POWER", ["Summary"]),
     "power_lfm-dopri5": (
         "Suite 2, POWER, LFM with a consistent (dopri5) pushforward",

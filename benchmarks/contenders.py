@@ -134,6 +134,12 @@ class Suite:
         return cfg
 
 
+def solver_spec(spec: str) -> dict:
+    """``"dopri5"`` or ``"rk4:4"`` (method:steps) as a solver dict (adaptive ones at rtol = atol = 1e-5)."""
+    method, _, steps = spec.partition(":")
+    return {"method": method, "steps": int(steps)} if steps else {"method": method, "rtol": 1e-5, "atol": 1e-5}
+
+
 BIG = 10_000_000  # optimiser steps that never bind: the wall-clock budget decides
 
 

@@ -99,6 +99,16 @@ def test_bench_2d_tiny_averages_training_seeds(tmp_path):
         assert line["LFM-FM"].endswith("(2 seeds)")
         assert float(line["LFM-FM"].split()[0]) == pytest.approx(diff, abs=1e-3)
         assert line["LFM<=FM"] == (diff <= 0)
+    # the datasets LFM loses beyond two standard errors of the difference between seeds
+    worse = []
+    for data in ("8gaussians", "moons"):
+        gap = {(r["contender"], r["seed"]): r["paired_gap"] for r in runs if r["dataset"] == data}
+        d = [gap["LFM", k] - gap["FM", k] for k in (0, 1)]
+        if sum(d) / 2 > 2 * abs(d[0] - d[1]) / 2:  # the SE of a two-seed mean is half their difference
+            worse.append(data)
+    checks = next(v for k, v in payload["sections"].items() if k.startswith("The issue"))
+    assert checks["LFM gap above FM's by more than 2 SE"].startswith(f"{len(worse)} of 2")
+    assert all(data in checks["LFM gap above FM's by more than 2 SE"] for data in worse)
 
 
 def test_bench_2d_tiny_fewer_wider_lfm_blocks(tmp_path):
@@ -114,6 +124,17 @@ def test_bench_2d_tiny_fewer_wider_lfm_blocks(tmp_path):
         assert got["LFM"]["nfe/sample"] == 32  # rk4 4 steps per block
         assert got["FM"]["params"] == 34_842  # the 130-wide network of the default's FM twin
         assert abs(got["LFM"]["params"] - got["FM"]["params"]) <= 0.01 * got["FM"]["params"]
+
+
+def test_bench_2d_tiny_lfm_solver(tmp_path):
+    """``--lfm-solver rk4:8``: LFM pushes and samples with 8 rk4 steps per block (own results file), and
+    its likelihood still comes from the reference solver."""
+    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "--lfm-solver", "rk4:8")
+    payload = json.loads((tmp_path / "2d_tiny_lfm-rk48.json").read_text())
+    assert payload["raw"]["suite"]["lfm"]["solver"] == {"method": "rk4", "steps": 8}
+    for r in payload["raw"]["rows"]["runs"]:
+        assert r["nfe/sample"] == 4 * 8 * 4  # 4 blocks x 8 steps x 4 stages
+        assert r["nll"] == pytest.approx(r["dopri5_nll"], abs=1e-5)
 
 
 def test_bench_power_tiny(tmp_path):
