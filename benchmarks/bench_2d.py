@@ -10,7 +10,8 @@ samples to 10k test points, training and sampling time, network evaluations per 
 
 Tuning: the same sweep of learning rate x batch size for every contender, on the validation split
 of the sweep dataset(s) at the same budget; each contender's best setting (lowest validation NLL)
-is then used on every dataset. The whole sweep is in the results.
+is then used on every dataset. The whole sweep is in the results. ``--lfm-blocks 4 2 --fm-depths 3 4``
+adds an architecture to the sweep, at the same total parameters: LFM's number of blocks, FM's depth.
 
 Contenders run one after another in an order that rotates from dataset to dataset, so that
 changes in the machine's background load fall on all of them alike. Results are written after
@@ -19,6 +20,7 @@ every run; a rerun skips what is already there (``--fresh`` starts over).
     python benchmarks/bench_2d.py                       # the suite, about an hour on one core
     python benchmarks/bench_2d.py --budget 60           # another budget (a separate results file)
     python benchmarks/bench_2d.py --train-seeds 0 1 2 --datasets moons --contenders LFM FM  # more seeds
+    python benchmarks/bench_2d.py --budget 300 --lfm-blocks 4 2 --fm-depths 3 4  # architecture swept too
     python benchmarks/bench_2d.py --tiny --out DIR      # CI smoke run, seconds
 
 Peers: ``pip install zuko`` (or the ``bench`` extra) and ``pip install --no-deps torchcfm`` (never
@@ -102,7 +104,9 @@ NOTES = {
     "to 10k test points (data units); `solver_diff`: on the first 5k test points, the NLL with the model's own "
     "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with its own fixed-step rk4).",
     S_SWEEP: "Every contender gets the same grid; the setting with the lowest mean validation NLL over the "
-    "sweep datasets is used everywhere (`best`).",
+    "sweep datasets is used everywhere (`best`). `arch` (where swept): LFM's number of blocks (its first OU "
+    "steps + the free block) or FM's number of hidden layers, each at the same total parameters; `-`: the "
+    "suite's own (LFM 4 blocks, FM 3 layers).",
 }
 
 
@@ -115,6 +119,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contenders", nargs="+", default=list(C.CONTENDERS), choices=C.CONTENDERS)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     p.add_argument("--batches", type=int, nargs="+", default=[512, 2048])
+    p.add_argument(
+        "--lfm-blocks", type=int, nargs="+", default=None, help="sweep LFM's number of blocks too (same parameters)"
+    )
+    p.add_argument("--fm-depths", type=int, nargs="+", default=None, help="sweep FM's depth too (same parameters)")
     p.add_argument("--n-samples", type=int, default=10_000)
     p.add_argument("--n-check", type=int, default=5_000, help="test points of the solver check")
     p.add_argument(
@@ -166,7 +174,21 @@ def parse_args() -> argparse.Namespace:
         a.name += f"_{a.lfm_recipe}"
     if a.lfm_solver:
         a.name += "_lfm-" + a.lfm_solver.replace(":", "")
+    if a.lfm_blocks or a.fm_depths:
+        a.name += "_arch"
     return a
+
+
+def grids(a) -> dict[str, list[C.Setting]]:
+    """Each contender's sweep: lr x batch, and for LFM and FM the architectures asked for (the
+    suite's own as ``None``, so that its rows and those of a plain sweep are the same)."""
+    own = {"blocks": C.n_blocks(SUITE.lfm), "depth": SUITE.lfm["net"]["depth"]}
+
+    def archs(key: str, values: list[int] | None) -> list[dict]:
+        return [{} if v == own[key] else {key: v} for v in values or [own[key]]]
+
+    extra = {"LFM": archs("blocks", a.lfm_blocks), "FM": archs("depth", a.fm_depths)}
+    return {n: C.sweep_grid(a.lrs, a.batches, extra.get(n, ({},))) for n in C.CONTENDERS}
 
 
 def rotated(names: list[str], k: int) -> list[str]:
@@ -175,14 +197,18 @@ def rotated(names: list[str], k: int) -> list[str]:
 
 
 def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
-    grid = C.sweep_grid(a.lrs, a.batches)
+    grid = grids(a)
     sweep = rows.setdefault("sweep", [])
     for i, data in enumerate(a.sweep_data):
         ds = datasets.load(data, seed=a.seed, sizes=a.sizes)
         x_val = torch.from_numpy(ds.val)
-        for j, s in enumerate(grid):
+        for j in range(max(len(grid[n]) for n in a.contenders)):
             for name in rotated(a.contenders, i + j):
+                if j >= len(grid[name]):
+                    continue
+                s = grid[name][j]
                 key = {"dataset": data, "contender": name, "lr": s.lr, "batch": s.batch_size, "budget": a.sweep_budget}
+                key["arch"] = s.arch
                 if C.find(sweep, **key):
                     continue
                 tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.sweep_budget, seed=a.seed)
@@ -195,17 +221,18 @@ def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
 
 def choose_best(a, sweep: list[dict], names) -> dict[str, C.Setting]:
     """Each contender's setting with the lowest mean validation NLL over the sweep datasets."""
-    grid = C.sweep_grid(a.lrs, a.batches)
+    grid = grids(a)
     best = {}
     for name in names:
         scores = {}
-        for s in grid:
+        for s in grid[name]:
             vals = [
                 r["val_nll"]
                 for r in sweep
                 if r["contender"] == name
                 and r["lr"] == s.lr
                 and r["batch"] == s.batch_size
+                and r.get("arch") == s.arch
                 and r["dataset"] in a.sweep_data
                 and r["budget"] == a.sweep_budget
             ]
@@ -230,7 +257,7 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
         order = [(seed, name) for j, seed in enumerate(a.train_seeds) for name in rotated(a.contenders, i + j)]
         for seed, name in order:
             s = best[name]
-            key = {"dataset": data, "contender": name, "budget": a.budget, "seed": seed}
+            key = {"dataset": data, "contender": name, "budget": a.budget, "seed": seed, "setting": s.label}
             if C.find(runs, **key):
                 continue
             tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.budget, seed=seed)
@@ -238,7 +265,6 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
             check = C.solver_check(tr, x_test[: a.n_check])
             row = {
                 **key,
-                "setting": s.label,
                 "params": tr.n_params,
                 "nll": ev["nll"],
                 "nll_se": ev["nll_se"],
@@ -295,9 +321,15 @@ def measured(runs: list[dict]) -> list[str]:
 
 
 def sections(a, rows: dict, missing: dict) -> dict:
-    runs = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
     swept = [n for n in C.CONTENDERS if any(r["contender"] == n for r in rows.get("sweep", []))]
     best = choose_best(a, rows.get("sweep", []), swept)
+    # the runs of each contender's chosen setting (a file may also hold those of a setting since outswept)
+    runs = [
+        r
+        for r in rows.get("runs", [])
+        if r["budget"] == a.budget
+        and (r["contender"] not in best or r.get("setting", best[r["contender"]].label) == best[r["contender"]].label)
+    ]
     out: dict = {}
     table, wins, compared, lfm_gap, worse = [], 0, 0, {}, []
     for data in measured(runs):
@@ -354,8 +386,11 @@ def sections(a, rows: dict, missing: dict) -> dict:
     sweep = []
     for r in rows.get("sweep", []):
         b = best.get(r["contender"])
-        chosen = b is not None and (r["lr"], r["batch"]) == (b.lr, b.batch_size)
-        sweep.append({**{k: r[k] for k in ("dataset", "contender", "lr", "batch", "val_nll", "steps")}, "best": chosen})
+        chosen = b is not None and (r["lr"], r["batch"], r.get("arch")) == (b.lr, b.batch_size, b.arch)
+        line = {k: r[k] for k in ("dataset", "contender", "lr", "batch")}
+        if a.lfm_blocks or a.fm_depths:
+            line["arch"] = r.get("arch") or "-"
+        sweep.append({**line, "val_nll": r["val_nll"], "steps": r["steps"], "best": chosen})
     out[S_SWEEP] = sweep
     return out
 
@@ -399,10 +434,7 @@ def main() -> None:
     if a.lfm_recipe == "demo":
         SUITE = dataclasses.replace(SUITE, lfm=DEMO_LFM)
     if a.lfm_h:  # other OU steps at the same total parameter count (FM's twin keeps its width)
-        width = C.blocks_width(2, SUITE.lfm, len(a.lfm_h) + 1)
-        blocks = {**SUITE.lfm["blocks"], "h": a.lfm_h}
-        lfm = {**SUITE.lfm, "net": {**SUITE.lfm["net"], "width": width}, "blocks": blocks}
-        SUITE = dataclasses.replace(SUITE, lfm=lfm, fm_width=SUITE.fm_net(2)["width"])
+        SUITE = dataclasses.replace(SUITE, lfm=C.with_steps(SUITE.lfm, 2, a.lfm_h), fm_width=SUITE.fm_net(2)["width"])
     if a.lfm_solver:
         SUITE = dataclasses.replace(SUITE, lfm={**SUITE.lfm, "solver": C.solver_spec(a.lfm_solver)})
     if a.lfm_push_points:  # train.push_points; FM, the twin, has nothing to push

@@ -19,6 +19,10 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 HEADLINES = {
     "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
     "2d_300s": ("Suite 1, 2-D densities at 300 s, swept at 300 s", ["The issue's figures"]),
+    "2d_300s_arch": (
+        "Suite 1, 2-D densities at 300 s, the sweep also over LFM's blocks and FM's depth",
+        ["The issue's figures"],
+    ),
     "power": ("Suite 2, POWER", ["Summary"]),
     "power_lfm-dopri5": (
         "Suite 2, POWER, LFM with a consistent (dopri5) pushforward",

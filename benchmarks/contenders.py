@@ -79,14 +79,25 @@ class Setting:
 
     lr: float
     batch_size: int
+    # The architecture at the same total parameters (None: the suite's own): LFM's number of
+    # blocks (the first ``blocks - 1`` OU steps + the free block), FM's hidden layers.
+    blocks: int | None = None
+    depth: int | None = None
+
+    @property
+    def arch(self) -> str | None:
+        if self.blocks is not None:
+            return f"blocks={self.blocks}"
+        return None if self.depth is None else f"depth={self.depth}"
 
     @property
     def label(self) -> str:
-        return f"lr={self.lr:g} batch={self.batch_size}"
+        return f"lr={self.lr:g} batch={self.batch_size}" + (f" {self.arch}" if self.arch else "")
 
 
-def sweep_grid(lrs=(1e-3, 3e-3), batches=(512, 2048)) -> list[Setting]:
-    return [Setting(lr, b) for lr in lrs for b in batches]
+def sweep_grid(lrs=(1e-3, 3e-3), batches=(512, 2048), archs=({},)) -> list[Setting]:
+    """Every learning rate x batch size x architecture (``{"blocks": 2}``, ``{"depth": 4}``, ``{}``)."""
+    return [Setting(lr, b, **arch) for arch in archs for lr in lrs for b in batches]
 
 
 @dataclass(frozen=True)
@@ -110,8 +121,13 @@ class Suite:
     lfm_pool: int | None = None
     torchcfm_sigma: float = 0.0
 
-    def lfm_config(self, setting: Setting) -> dict:
+    def lfm_config(self, setting: Setting, dim: int) -> dict:
         cfg = copy.deepcopy(self.lfm)
+        if setting.blocks is not None:
+            h = cfg["blocks"].get("h", [])
+            if not 1 <= setting.blocks <= len(h) + 1 or not cfg["blocks"].get("free_block", True):
+                raise ValueError(f"blocks={setting.blocks}: this suite's LFM has OU steps {h} + the free block")
+            cfg = with_steps(cfg, dim, h[: setting.blocks - 1])
         shares = cfg.get("train", {}).get("steps")
         train = {
             # The budget decides; blocks share it equally, or in proportion to a list of steps.
@@ -129,7 +145,8 @@ class Suite:
         return {**self.lfm["net"], "width": self.fm_width or fm_width(dim, self.lfm)}
 
     def fm_config(self, setting: Setting, dim: int) -> dict:
-        cfg = fm_twin(self.lfm_config(setting), dim, width=self.fm_width)
+        width = self.fm_width if setting.depth is None else None
+        cfg = fm_twin(self.lfm_config(setting, dim), dim, width=width, depth=setting.depth)
         cfg["solver"] = dict(self.ode_solver)
         return cfg
 
@@ -154,16 +171,25 @@ def blocks_width(dim: int, lfm: dict, n: int) -> int:
     return matched_width(dim, net, n_blocks(lfm) * mlp_params(dim, net), copies=n)
 
 
+def with_steps(lfm: dict, dim: int, h: list[float]) -> dict:
+    """LFM with OU steps ``h`` (+ its free block), each block as wide as keeps the total parameters."""
+    width = blocks_width(dim, lfm, len(h) + int(lfm["blocks"].get("free_block", True)))
+    return {**lfm, "net": {**lfm["net"], "width": width}, "blocks": {**lfm["blocks"], "h": list(h)}}
+
+
 def fm_width(dim: int, lfm: dict) -> int:
     """The MLP width of global FM's one network at the total parameter count of LFM's blocks."""
     return blocks_width(dim, lfm, 1)
 
 
-def fm_twin(lfm: dict, dim: int, width: int | None = None) -> dict:
+def fm_twin(lfm: dict, dim: int, width: int | None = None, depth: int | None = None) -> dict:
     """Global FM at LFM's size: the same config with one block (the free block alone), its
-    network ``width`` wide (default :func:`fm_width`), trained until the budget runs out."""
+    network ``depth`` hidden layers deep (default LFM's) and ``width`` wide (default: LFM's total
+    parameters), trained until the budget runs out."""
     cfg = copy.deepcopy(lfm)
-    cfg["net"] = {**lfm["net"], "width": width or fm_width(dim, lfm)}
+    net = {**lfm["net"], "depth": depth or lfm["net"]["depth"]}
+    target = n_blocks(lfm) * mlp_params(dim, lfm["net"])
+    cfg["net"] = {**net, "width": width or matched_width(dim, net, target)}
     cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
     cfg.setdefault("train", {})["steps"] = BIG
     cfg["train"].pop("push_points", None)  # one block: no pushforward
@@ -550,7 +576,7 @@ def train(
     x = torch.as_tensor(x_train).float()
     if name == "LFM":
         pool = x[: suite.lfm_pool] if suite.lfm_pool else x
-        return _fit_contender(name, suite.lfm_config(setting), pool, budget, seed, curve)
+        return _fit_contender(name, suite.lfm_config(setting, x.shape[1]), pool, budget, seed, curve)
     if name == "FM":
         return _fit_contender(name, suite.fm_config(setting, x.shape[1]), x, budget, seed, curve)
     if name == "torchcfm":

@@ -126,6 +126,37 @@ def test_bench_2d_tiny_fewer_wider_lfm_blocks(tmp_path):
         assert abs(got["LFM"]["params"] - got["FM"]["params"]) <= 0.01 * got["FM"]["params"]
 
 
+def test_bench_2d_tiny_sweeps_architecture(tmp_path):
+    """``--lfm-blocks 4 2 --fm-depths 3 4``: the sweep tries each architecture (same total parameters) at
+    every lr x batch, each contender's lowest validation NLL is what runs, and the table keeps those runs."""
+    arch = ("--lfm-blocks", "4", "2", "--fm-depths", "3", "4")
+    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", *arch)
+    path = tmp_path / "2d_tiny_arch.json"
+    payload = json.loads(path.read_text())
+    rows = payload["raw"]["rows"]
+    tried = {(r["contender"], r["arch"], r["lr"]) for r in rows["sweep"]}
+    archs = {"LFM": (None, "blocks=2"), "FM": (None, "depth=4")}
+    assert tried == {(c, a, lr) for c in archs for a in archs[c] for lr in (1e-3, 3e-3)}
+    for c in archs:
+        best = min((r for r in rows["sweep"] if r["contender"] == c), key=lambda r: r["val_nll"])
+        label = f"lr={best['lr']:g} batch={best['batch']}" + (f" {best['arch']}" if best["arch"] else "")
+        runs = [r for r in rows["runs"] if r["contender"] == c]
+        assert len(runs) == 2 and all(r["setting"] == label for r in runs)
+        for r in runs:
+            assert abs(r["params"] - 34_824) <= 0.01 * 34_824  # every architecture at the same total
+            if c == "LFM":
+                assert r["steps"].count(",") == (1 if best["arch"] else 3)
+    # a run of a setting the sweep did not choose stays in the file but out of the tables
+    stale = {**rows["runs"][0], "setting": "lr=0.1 batch=1", "paired_gap": 99.0}
+    rows["runs"].append(stale)
+    path.write_text(json.dumps(payload))
+    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), *arch, "--render")
+    payload = json.loads(path.read_text())
+    assert stale in payload["raw"]["rows"]["runs"]
+    listed = next(v for k, v in payload["sections"].items() if k.startswith("All runs"))
+    assert len(listed) == 4 and all(r["setting"] != "lr=0.1 batch=1" for r in listed)
+
+
 def test_bench_2d_tiny_lfm_solver(tmp_path):
     """``--lfm-solver rk4:8``: LFM pushes and samples with 8 rk4 steps per block (own results file), and
     its likelihood still comes from the reference solver."""
@@ -358,3 +389,13 @@ def test_matched_width_gives_the_closest_parameter_count():
     twin = C.fm_twin(lfm, 6)
     assert twin["blocks"]["h"] == [] and "push_points" not in twin["train"] and lfm["train"] == {"push_points": 10}
     assert abs(C.mlp_params(6, twin["net"]) - target) <= 0.01 * target
+    # the sweep's architectures keep the total: LFM in two blocks (one OU step + free), FM four layers deep
+    suite = C.Suite(lfm=lfm, ode_solver={"method": "dopri5"}, nsf={}, maf={})
+    two = suite.lfm_config(C.Setting(1e-3, 64, blocks=2), 6)
+    assert two["blocks"]["h"] == [0.1] and two["net"]["width"] > 64 and two["train"]["batch_size"] == 64
+    assert abs(2 * C.mlp_params(6, two["net"]) - target) <= 0.01 * target
+    deep = suite.fm_config(C.Setting(1e-3, 64, depth=4), 6)["net"]
+    assert deep["depth"] == 4 and abs(C.mlp_params(6, deep) - target) <= 0.01 * target
+    assert C.Setting(1e-3, 64, depth=4).label == "lr=0.001 batch=64 depth=4"
+    with pytest.raises(ValueError, match="blocks=5"):
+        suite.lfm_config(C.Setting(1e-3, 64, blocks=5), 6)
