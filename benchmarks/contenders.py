@@ -177,9 +177,12 @@ def with_steps(lfm: dict, dim: int, h: list[float]) -> dict:
     return {**lfm, "net": {**lfm["net"], "width": width}, "blocks": {**lfm["blocks"], "h": list(h)}}
 
 
-def fm_width(dim: int, lfm: dict) -> int:
-    """The MLP width of global FM's one network at the total parameter count of LFM's blocks."""
-    return blocks_width(dim, lfm, 1)
+def fm_width(dim: int, lfm: dict, depth: int | None = None) -> int:
+    """The MLP width of global FM's one network (``depth`` hidden layers, default LFM's) at the total
+    parameter count of LFM's blocks."""
+    if depth is None:
+        return blocks_width(dim, lfm, 1)
+    return matched_width(dim, {**lfm["net"], "depth": depth}, n_blocks(lfm) * mlp_params(dim, lfm["net"]))
 
 
 def fm_twin(lfm: dict, dim: int, width: int | None = None, depth: int | None = None) -> dict:
@@ -188,8 +191,7 @@ def fm_twin(lfm: dict, dim: int, width: int | None = None, depth: int | None = N
     parameters), trained until the budget runs out."""
     cfg = copy.deepcopy(lfm)
     net = {**lfm["net"], "depth": depth or lfm["net"]["depth"]}
-    target = n_blocks(lfm) * mlp_params(dim, lfm["net"])
-    cfg["net"] = {**net, "width": width or matched_width(dim, net, target)}
+    cfg["net"] = {**net, "width": width or fm_width(dim, lfm, depth)}
     cfg["blocks"] = {"schedule": "list", "h": [], "free_block": True}
     cfg.setdefault("train", {})["steps"] = BIG
     cfg["train"].pop("push_points", None)  # one block: no pushforward
