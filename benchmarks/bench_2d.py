@@ -10,8 +10,9 @@ samples to 10k test points, training and sampling time, network evaluations per 
 
 Tuning: the same sweep of learning rate x batch size for every contender, on the validation split
 of the sweep dataset(s) at the same budget; each contender's best setting (lowest validation NLL)
-is then used on every dataset. The whole sweep is in the results. ``--lfm-blocks 4 2 --fm-depths 3 4``
-adds an architecture to the sweep, at the same total parameters: LFM's number of blocks, FM's depth.
+is then used on every dataset. The whole sweep is in the results. ``--lfm-blocks 4 2 --lfm-depths 3 4
+--fm-depths 3 4 5 6`` adds the architecture to the sweep, at the same total parameters: LFM's number
+of blocks and their depth (every pair), FM's depth.
 
 Contenders run one after another in an order that rotates from dataset to dataset, so that
 changes in the machine's background load fall on all of them alike. Results are written after
@@ -20,7 +21,7 @@ every run; a rerun skips what is already there (``--fresh`` starts over).
     python benchmarks/bench_2d.py                       # the suite, about an hour on one core
     python benchmarks/bench_2d.py --budget 60           # another budget (a separate results file)
     python benchmarks/bench_2d.py --train-seeds 0 1 2 --datasets moons --contenders LFM FM  # more seeds
-    python benchmarks/bench_2d.py --budget 300 --lfm-blocks 4 2 --fm-depths 3 4  # architecture swept too
+    python benchmarks/bench_2d.py --budget 300 --lfm-blocks 4 2 --lfm-depths 3 4 --fm-depths 3 4 5 6  # + architecture
     python benchmarks/bench_2d.py --tiny --out DIR      # CI smoke run, seconds
 
 Peers: ``pip install zuko`` (or the ``bench`` extra) and ``pip install --no-deps torchcfm`` (never
@@ -122,6 +123,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--lfm-blocks", type=int, nargs="+", default=None, help="sweep LFM's number of blocks too (same parameters)"
     )
+    p.add_argument(
+        "--lfm-depths", type=int, nargs="+", default=None, help="sweep the depth of LFM's blocks too (same parameters)"
+    )
     p.add_argument("--fm-depths", type=int, nargs="+", default=None, help="sweep FM's depth too (same parameters)")
     p.add_argument("--n-samples", type=int, default=10_000)
     p.add_argument("--n-check", type=int, default=5_000, help="test points of the solver check")
@@ -174,20 +178,22 @@ def parse_args() -> argparse.Namespace:
         a.name += f"_{a.lfm_recipe}"
     if a.lfm_solver:
         a.name += "_lfm-" + a.lfm_solver.replace(":", "")
-    if a.lfm_blocks or a.fm_depths:
+    if a.lfm_blocks or a.lfm_depths or a.fm_depths:
         a.name += "_arch"
     return a
 
 
 def grids(a) -> dict[str, list[C.Setting]]:
-    """Each contender's sweep: lr x batch, and for LFM and FM the architectures asked for (the
-    suite's own as ``None``, so that its rows and those of a plain sweep are the same)."""
+    """Each contender's sweep: lr x batch, and for LFM and FM the architectures asked for (LFM:
+    blocks x depth; the suite's own values as ``None``, so that its rows and those of a plain
+    sweep are the same)."""
     own = {"blocks": C.n_blocks(SUITE.lfm), "depth": SUITE.lfm["net"]["depth"]}
 
     def archs(key: str, values: list[int] | None) -> list[dict]:
         return [{} if v == own[key] else {key: v} for v in values or [own[key]]]
 
-    extra = {"LFM": archs("blocks", a.lfm_blocks), "FM": archs("depth", a.fm_depths)}
+    lfm = [{**b, **d} for d in archs("depth", a.lfm_depths) for b in archs("blocks", a.lfm_blocks)]
+    extra = {"LFM": lfm, "FM": archs("depth", a.fm_depths)}
     return {n: C.sweep_grid(a.lrs, a.batches, extra.get(n, ({},))) for n in C.CONTENDERS}
 
 
@@ -388,7 +394,7 @@ def sections(a, rows: dict, missing: dict) -> dict:
         b = best.get(r["contender"])
         chosen = b is not None and (r["lr"], r["batch"], r.get("arch")) == (b.lr, b.batch_size, b.arch)
         line = {k: r[k] for k in ("dataset", "contender", "lr", "batch")}
-        if a.lfm_blocks or a.fm_depths:
+        if a.lfm_blocks or a.lfm_depths or a.fm_depths:
             line["arch"] = r.get("arch") or "-"
         sweep.append({**line, "val_nll": r["val_nll"], "steps": r["steps"], "best": chosen})
     out[S_SWEEP] = sweep

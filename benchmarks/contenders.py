@@ -44,7 +44,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -80,15 +80,15 @@ class Setting:
     lr: float
     batch_size: int
     # The architecture at the same total parameters (None: the suite's own): LFM's number of
-    # blocks (the first ``blocks - 1`` OU steps + the free block), FM's hidden layers.
+    # blocks (the first ``blocks - 1`` OU steps + the free block); the hidden layers of each
+    # network (LFM's blocks, FM's one).
     blocks: int | None = None
     depth: int | None = None
 
     @property
     def arch(self) -> str | None:
-        if self.blocks is not None:
-            return f"blocks={self.blocks}"
-        return None if self.depth is None else f"depth={self.depth}"
+        parts = [f"{k}={v}" for k, v in (("blocks", self.blocks), ("depth", self.depth)) if v is not None]
+        return " ".join(parts) or None
 
     @property
     def label(self) -> str:
@@ -123,11 +123,12 @@ class Suite:
 
     def lfm_config(self, setting: Setting, dim: int) -> dict:
         cfg = copy.deepcopy(self.lfm)
-        if setting.blocks is not None:
+        if setting.blocks is not None or setting.depth is not None:
             h = cfg["blocks"].get("h", [])
-            if not 1 <= setting.blocks <= len(h) + 1 or not cfg["blocks"].get("free_block", True):
-                raise ValueError(f"blocks={setting.blocks}: this suite's LFM has OU steps {h} + the free block")
-            cfg = with_steps(cfg, dim, h[: setting.blocks - 1])
+            blocks = setting.blocks or n_blocks(cfg)
+            if not 1 <= blocks <= len(h) + 1 or not cfg["blocks"].get("free_block", True):
+                raise ValueError(f"blocks={blocks}: this suite's LFM has OU steps {h} + the free block")
+            cfg = with_steps(cfg, dim, h[: blocks - 1], depth=setting.depth)
         shares = cfg.get("train", {}).get("steps")
         train = {
             # The budget decides; blocks share it equally, or in proportion to a list of steps.
@@ -146,7 +147,8 @@ class Suite:
 
     def fm_config(self, setting: Setting, dim: int) -> dict:
         width = self.fm_width if setting.depth is None else None
-        cfg = fm_twin(self.lfm_config(setting, dim), dim, width=width, depth=setting.depth)
+        lfm = self.lfm_config(replace(setting, depth=None), dim)  # the depth is FM's own
+        cfg = fm_twin(lfm, dim, width=width, depth=setting.depth)
         cfg["solver"] = dict(self.ode_solver)
         return cfg
 
@@ -165,24 +167,25 @@ def n_blocks(cfg: dict) -> int:
     return len(localfm.load_config({"blocks": cfg["blocks"]}).blocks.steps())
 
 
-def blocks_width(dim: int, lfm: dict, n: int) -> int:
-    """The MLP width at which ``n`` networks have the total parameter count of LFM's blocks."""
+def blocks_width(dim: int, lfm: dict, n: int, depth: int | None = None) -> int:
+    """The MLP width at which ``n`` networks of ``depth`` hidden layers (default LFM's) have the
+    total parameter count of LFM's blocks."""
     net = lfm["net"]
-    return matched_width(dim, net, n_blocks(lfm) * mlp_params(dim, net), copies=n)
+    return matched_width(dim, {**net, "depth": depth or net["depth"]}, n_blocks(lfm) * mlp_params(dim, net), copies=n)
 
 
-def with_steps(lfm: dict, dim: int, h: list[float]) -> dict:
-    """LFM with OU steps ``h`` (+ its free block), each block as wide as keeps the total parameters."""
-    width = blocks_width(dim, lfm, len(h) + int(lfm["blocks"].get("free_block", True)))
-    return {**lfm, "net": {**lfm["net"], "width": width}, "blocks": {**lfm["blocks"], "h": list(h)}}
+def with_steps(lfm: dict, dim: int, h: list[float], depth: int | None = None) -> dict:
+    """LFM with OU steps ``h`` (+ its free block), each block ``depth`` hidden layers deep (default
+    its own) and as wide as keeps the total parameters."""
+    width = blocks_width(dim, lfm, len(h) + int(lfm["blocks"].get("free_block", True)), depth)
+    net = {**lfm["net"], "width": width, "depth": depth or lfm["net"]["depth"]}
+    return {**lfm, "net": net, "blocks": {**lfm["blocks"], "h": list(h)}}
 
 
 def fm_width(dim: int, lfm: dict, depth: int | None = None) -> int:
     """The MLP width of global FM's one network (``depth`` hidden layers, default LFM's) at the total
     parameter count of LFM's blocks."""
-    if depth is None:
-        return blocks_width(dim, lfm, 1)
-    return matched_width(dim, {**lfm["net"], "depth": depth}, n_blocks(lfm) * mlp_params(dim, lfm["net"]))
+    return blocks_width(dim, lfm, 1, depth)
 
 
 def fm_twin(lfm: dict, dim: int, width: int | None = None, depth: int | None = None) -> dict:

@@ -127,15 +127,16 @@ def test_bench_2d_tiny_fewer_wider_lfm_blocks(tmp_path):
 
 
 def test_bench_2d_tiny_sweeps_architecture(tmp_path):
-    """``--lfm-blocks 4 2 --fm-depths 3 4``: the sweep tries each architecture (same total parameters) at
-    every lr x batch, each contender's lowest validation NLL is what runs, and the table keeps those runs."""
-    arch = ("--lfm-blocks", "4", "2", "--fm-depths", "3", "4")
+    """``--lfm-blocks 4 2 --lfm-depths 3 4 --fm-depths 3 4``: the sweep tries each architecture (same total
+    parameters; LFM's blocks x depths) at every lr x batch, each contender's lowest validation NLL is what
+    runs, and the table keeps those runs."""
+    arch = ("--lfm-blocks", "4", "2", "--lfm-depths", "3", "4", "--fm-depths", "3", "4")
     run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", *arch)
     path = tmp_path / "2d_tiny_arch.json"
     payload = json.loads(path.read_text())
     rows = payload["raw"]["rows"]
     tried = {(r["contender"], r["arch"], r["lr"]) for r in rows["sweep"]}
-    archs = {"LFM": (None, "blocks=2"), "FM": (None, "depth=4")}
+    archs = {"LFM": (None, "blocks=2", "depth=4", "blocks=2 depth=4"), "FM": (None, "depth=4")}
     assert tried == {(c, a, lr) for c in archs for a in archs[c] for lr in (1e-3, 3e-3)}
     for c in archs:
         best = min((r for r in rows["sweep"] if r["contender"] == c), key=lambda r: r["val_nll"])
@@ -145,7 +146,7 @@ def test_bench_2d_tiny_sweeps_architecture(tmp_path):
         for r in runs:
             assert abs(r["params"] - 34_824) <= 0.01 * 34_824  # every architecture at the same total
             if c == "LFM":
-                assert r["steps"].count(",") == (1 if best["arch"] else 3)
+                assert r["steps"].count(",") == (1 if "blocks=2" in (best["arch"] or "") else 3)
     # a run of a setting the sweep did not choose stays in the file but out of the tables
     stale = {**rows["runs"][0], "setting": "lr=0.1 batch=1", "paired_gap": 99.0}
     rows["runs"].append(stale)
@@ -397,5 +398,12 @@ def test_matched_width_gives_the_closest_parameter_count():
     deep = suite.fm_config(C.Setting(1e-3, 64, depth=4), 6)["net"]
     assert deep["depth"] == 4 and abs(C.mlp_params(6, deep) - target) <= 0.01 * target
     assert C.Setting(1e-3, 64, depth=4).label == "lr=0.001 batch=64 depth=4"
+    # LFM's blocks deeper too, alone or with fewer blocks; FM's depth is its own, not LFM's
+    for blocks, h in ((None, [0.1, 0.2, 0.3]), (2, [0.1])):
+        cfg = suite.lfm_config(C.Setting(1e-3, 64, blocks=blocks, depth=5), 6)
+        assert cfg["blocks"]["h"] == h and cfg["net"]["depth"] == 5
+        assert abs((len(h) + 1) * C.mlp_params(6, cfg["net"]) - target) <= 0.01 * target
+    assert C.Setting(1e-3, 64, blocks=2, depth=5).label == "lr=0.001 batch=64 blocks=2 depth=5"
+    assert suite.fm_config(C.Setting(1e-3, 64, depth=5), 6)["net"]["width"] == C.fm_width(6, lfm, depth=5)
     with pytest.raises(ValueError, match="blocks=5"):
         suite.lfm_config(C.Setting(1e-3, 64, blocks=5), 6)
