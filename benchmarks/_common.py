@@ -107,8 +107,10 @@ def add_suite_options(p, tiny: str = "CI smoke run, seconds") -> None:
 
 def start(out: Path | None, threads: int | None) -> int:
     """Send the results to ``out`` (created; None keeps benchmarks/results) and pin torch's threads;
-    returns the thread count."""
+    returns the thread count. Subnormal floats are flushed to zero for the whole run, as
+    ``localfm.fit`` does while it trains, so that every contender's loop computes alike."""
     global RESULTS
+    torch.set_flush_denormal(True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         RESULTS = out

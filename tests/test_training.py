@@ -400,3 +400,23 @@ def test_push_points_with_a_context_resumes_exactly(tmp_path):
 def test_push_points_is_validated():
     with pytest.raises(ValueError, match="push_points"):
         TrainConfig(push_points=1)
+
+
+# --- subnormal floats -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_fit_flushes_subnormals_and_restores_the_setting(before):
+    """fit trains with subnormal floats flushed to zero (sharp softplus makes them, and the CPU is
+    slow with them) and leaves the process's setting as it found it."""
+    subnormal = torch.tensor([1e-40], dtype=torch.float32)
+    seen = []
+    torch.set_flush_denormal(before)
+    try:
+        cfg = tiny_config(train={"steps": 3, "log_every": 1}, blocks={"h": [0.2], "free_block": True})
+        localfm.fit(data(), cfg, callback=lambda p: seen.append(subnormal.mul(1.0).item()))
+        after = subnormal.mul(1.0).item()
+    finally:
+        torch.set_flush_denormal(False)
+    assert seen and all(v == 0.0 for v in seen)
+    assert (after == 0.0) == before
