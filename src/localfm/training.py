@@ -568,10 +568,10 @@ def flush_denormals(on: bool = True):
     """Within the block, the CPU treats subnormal floats as zero (x86 FTZ/DAZ), then goes back.
 
     softplus with a sharp ``beta`` (20, the default) sends ever more pre-activations to values
-    below float32's smallest normal number as training goes on, and x86 CPUs compute with those
-    about a hundred times slower: a 2-D block's training slowed from 219 to 129 steps/s in 5,000
-    steps, with unchanged losses when they are flushed (239 steps/s throughout). :func:`fit` runs
-    under this; GPUs flush on their own where it matters.
+    below float32's smallest normal number as training goes on, and an x86 core handles each
+    operation on those many times slower: a 2-D block's training fell from 219 to 129 steps/s in
+    5,000 steps, and held 227-239 steps/s with the same losses when they were flushed. :func:`fit`
+    runs under this. The setting is per thread and affects CPU arithmetic only.
     """
     was = _flushing()
     torch.set_flush_denormal(on)
