@@ -20,7 +20,7 @@ HEADLINES = {
     "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
     "2d_300s": ("Suite 1, 2-D densities at 300 s, swept at 300 s", ["The issue's figures"]),
     "2d_300s_arch": (
-        "Suite 1, 2-D densities at 300 s, the sweep also over LFM's blocks and FM's depth",
+        "Suite 1, 2-D densities at 300 s, the sweep also over the architecture (LFM's blocks and depth, FM's depth)",
         ["The issue's figures"],
     ),
     "power": ("Suite 2, POWER", ["Summary"]),
