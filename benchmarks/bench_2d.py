@@ -106,8 +106,8 @@ NOTES = {
     "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with its own fixed-step rk4).",
     S_SWEEP: "Every contender gets the same grid; the setting with the lowest mean validation NLL over the "
     "sweep datasets is used everywhere (`best`). `arch` (where swept): LFM's number of blocks (its first OU "
-    "steps + the free block) or FM's number of hidden layers, each at the same total parameters; `-`: the "
-    "suite's own (LFM 4 blocks, FM 3 layers).",
+    "steps + the free block) and hidden layers per block, FM's hidden layers, each at the same total "
+    "parameters; `-`: the suite's own (LFM 4 blocks of 3 layers, FM 3 layers).",
 }
 
 
@@ -202,6 +202,11 @@ def rotated(names: list[str], k: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def sweep_key(data: str, name: str, s: C.Setting, budget: float) -> dict:
+    """What identifies a sweep row (``arch`` None: the suite's own architecture)."""
+    return {"dataset": data, "contender": name, "lr": s.lr, "batch": s.batch_size, "budget": budget, "arch": s.arch}
+
+
 def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
     grid = grids(a)
     sweep = rows.setdefault("sweep", [])
@@ -213,8 +218,7 @@ def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
                 if j >= len(grid[name]):
                     continue
                 s = grid[name][j]
-                key = {"dataset": data, "contender": name, "lr": s.lr, "batch": s.batch_size, "budget": a.sweep_budget}
-                key["arch"] = s.arch
+                key = sweep_key(data, name, s, a.sweep_budget)
                 if C.find(sweep, **key):
                     continue
                 tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.sweep_budget, seed=a.seed)
@@ -232,16 +236,8 @@ def choose_best(a, sweep: list[dict], names) -> dict[str, C.Setting]:
     for name in names:
         scores = {}
         for s in grid[name]:
-            vals = [
-                r["val_nll"]
-                for r in sweep
-                if r["contender"] == name
-                and r["lr"] == s.lr
-                and r["batch"] == s.batch_size
-                and r.get("arch") == s.arch
-                and r["dataset"] in a.sweep_data
-                and r["budget"] == a.sweep_budget
-            ]
+            found = [C.find(sweep, **sweep_key(d, name, s, a.sweep_budget)) for d in a.sweep_data]
+            vals = [r["val_nll"] for r in found if r is not None]
             scores[s] = sum(vals) / len(vals) if vals and all(map(math.isfinite, vals)) else math.inf
         best[name] = min(scores, key=scores.get)
     return best
