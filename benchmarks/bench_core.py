@@ -12,10 +12,14 @@
    same solver and batch size (target <= d + 2 = 8 times), on a POWER-sized model (4 blocks of
    MLP 256x4 relu), with the time extrapolated to POWER's test split (204,928 points), and the
    effect of ``log_prob(batch_size=...)``.
+5. ``subnormals``: training throughput with subnormal floats flushed to zero (what ``fit`` does) and
+   without, two identical runs in alternating windows: softplus's sharp default ``beta`` makes ever
+   more subnormal activations as training goes on, and the CPU computes with them far more slowly.
 
     python benchmarks/bench_core.py                   # full run, 10-15 minutes on 2 shared cores
     python benchmarks/bench_core.py --quick           # CI smoke run, under a minute
     python benchmarks/bench_core.py --only overhead   # one section (results in core_overhead.*)
+    python benchmarks/bench_core.py --only subnormals --threads 1   # section 5, about 2 minutes
 """
 
 from __future__ import annotations
@@ -29,17 +33,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # _common first: it sets the OpenMP wait policy before torch loads.
-from _common import interleaved, median, metadata, set_threads, write_results  # noqa: E402, I001
+from _common import interleaved, median, metadata, pyplot, save_figure, start, write_results  # noqa: E402, I001
 
 import torch  # noqa: E402
 
 import localfm  # noqa: E402
+from localfm import datasets  # noqa: E402
 from localfm.flow import Standardizer  # noqa: E402
 from localfm.nets import NetConfig, build_net  # noqa: E402
 from localfm.ode import SolverConfig  # noqa: E402
-from localfm.training import fresh_net, new_block_state, train_block  # noqa: E402
+from localfm.training import flush_denormals, fresh_net, new_block_state, train_block  # noqa: E402
 
-SECTIONS = ("gaussian", "invertibility", "overhead", "log_prob")
+SECTIONS = ("gaussian", "invertibility", "overhead", "log_prob", "subnormals")
 POWER_TEST_POINTS = 204_928
 
 S_GAUSS = "1. 2-D Gaussian: test NLL vs entropy"
@@ -48,6 +53,7 @@ S_OVH = "3. Training overhead: fit's training loop (train_block) vs a bare PyTor
 S_COST = "4a. log_prob vs encode (6-D, POWER-sized model, same solver and batch size)"
 S_EXTRA = "4b. log_prob time, extrapolated to POWER's test split (204,928 points)"
 S_BATCH = "4c. Effect of log_prob(batch_size=...)"
+S_SUB = "5. Subnormal floats: training steps/s flushed to zero (fit's setting) and not"
 SECTION_NOTES = {
     S_GAUSS: "`nll-H` carries the test sample's noise (`se`); `paired_gap` is the mean of "
     "`log p_true - log p_model` over the same test points, an estimate of KL(p || model) with a much "
@@ -73,6 +79,12 @@ SECTION_NOTES = {
     "evaluations, so the column is throughput per evaluation); `us_per_point_and_nfe` is microseconds per "
     "point per network evaluation. dopri5's step count also changes with the batch (its error norm is over "
     "the batch): its evaluations on the first batch are counted with `encode`, which takes the same steps.",
+    S_SUB: "Two runs of `train_block` from the same initialisation and seed (the 2-D suite's free block: MLP "
+    "75x4 softplus, beta 20, on rings, Adam lr 3e-3, batch 2048), one under `flush_denormals(True)`, one "
+    "under `flush_denormals(False)`, alternating windows of steps; each row sums a quarter of the windows. "
+    "`subnormal_share`: fraction of the unflushed network's hidden activations on a fixed batch that are "
+    "subnormal at the row's last step; `val_loss_*`: each network's flow-matching loss on fixed validation "
+    "pairs (evaluated flushed), the same when flushing changes nothing but speed.",
 }
 
 # --- 1. 2-D Gaussian --------------------------------------------------------------------------
@@ -388,6 +400,96 @@ def run_log_prob(args) -> dict[str, list[dict]]:
     return {"cost": cost, "extrapolation": extrapolation, "batch_size": batch_rows, "train_s": train_s}
 
 
+# --- 5. subnormal floats ----------------------------------------------------------------------
+def subnormal_share(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Fraction of the hidden activations of ``net(x, t)`` that are subnormal, computed unflushed."""
+    tiny = torch.finfo(x.dtype).tiny
+    counts = [0, 0]
+
+    def count(_module, _inputs, out) -> None:
+        counts[0] += int(((out != 0) & (out.abs() < tiny)).sum())
+        counts[1] += out.numel()
+
+    acts = [m for m in net.modules() if isinstance(m, (torch.nn.Softplus, torch.nn.ReLU, torch.nn.SiLU))]
+    hooks = [m.register_forward_hook(count) for m in acts]
+    try:
+        with flush_denormals(False), torch.no_grad():
+            net(x, t)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not counts[1]:
+        raise RuntimeError("subnormal_share: the network has no activation modules to watch")
+    return counts[0] / counts[1]
+
+
+def run_subnormals(args) -> tuple[list[dict], list[dict]]:
+    """Alternate windows of a flushed and an unflushed run; per window: steps/s and the subnormal share."""
+    window, rounds = (10, 4) if args.quick else (250, 20)
+    ds = datasets.load("rings", seed=args.seed, sizes=(4_000, 1_000, 1_000) if args.quick else None)
+    pool = Standardizer.fit(torch.from_numpy(ds.train))(torch.from_numpy(ds.train)).float()
+    net, h, batch, lr = {"width": 75, "depth": 4}, None, 256 if args.quick else 2048, 3e-3
+    runs = {on: LibraryLoop(pool, net, h, batch, lr, args.seed) for on in (True, False)}
+    g = torch.Generator().manual_seed(args.seed + 1)
+    val = pool[torch.randint(pool.shape[0], (batch,), generator=g)]
+    z, t_val = torch.randn(val.shape, generator=g), torch.rand(batch, generator=g)
+    x_t = (1 - t_val[:, None]) * val + t_val[:, None] * z
+
+    def val_loss(run: LibraryLoop) -> float:
+        with flush_denormals(), torch.no_grad():
+            return float((run.state.net(x_t, t_val) - (z - val)).pow(2).mean())
+
+    windows = []
+    for r in range(rounds):
+        row = {"steps": (r + 1) * window}
+        for on, run in runs.items():
+            w0 = time.perf_counter()
+            with flush_denormals(on):
+                run.run(window)
+            row["flushed_s" if on else "unflushed_s"] = time.perf_counter() - w0
+        row["subnormal_share"] = subnormal_share(runs[False].state.net, x_t, t_val)
+        row["val_loss_flushed"], row["val_loss_unflushed"] = val_loss(runs[True]), val_loss(runs[False])
+        windows.append(row)
+    rows = []
+    per = max(1, rounds // 4)
+    for k in range(0, rounds, per):
+        part = windows[k : k + per]
+        fl, un = sum(w["flushed_s"] for w in part), sum(w["unflushed_s"] for w in part)
+        rows.append(
+            {
+                "steps": f"{k * window + 1}-{part[-1]['steps']}",
+                "flushed_steps_per_s": len(part) * window / fl,
+                "unflushed_steps_per_s": len(part) * window / un,
+                "ratio (flushed/unflushed)": un / fl,
+                "subnormal_share": part[-1]["subnormal_share"],
+                "val_loss_flushed": part[-1]["val_loss_flushed"],
+                "val_loss_unflushed": part[-1]["val_loss_unflushed"],
+            }
+        )
+        print(
+            f"[subnormals] steps {rows[-1]['steps']}: flushed {rows[-1]['flushed_steps_per_s']:.0f} /s, "
+            f"unflushed {rows[-1]['unflushed_steps_per_s']:.0f} /s, subnormal share {part[-1]['subnormal_share']:.2e}",
+            flush=True,
+        )
+    return rows, windows
+
+
+def plot_subnormals(windows: list[dict], window: int, name: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [w["steps"] for w in windows]
+    for key, label in (("flushed_s", "flushed (fit)"), ("unflushed_s", "not flushed")):
+        ax.plot(steps, [window / w[key] for w in windows], marker="o", ms=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("steps/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("softplus MLP on rings: subnormal floats")
+    ax.legend()
+    save_figure(fig, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget for a CI smoke run (< 60 s)")
@@ -395,6 +497,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=None, help="fit time budget in seconds (default 120)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
     q = args.quick
     args.budget = args.budget or (4.0 if q else 120.0)
@@ -406,7 +509,7 @@ def main() -> None:
     args.n_batch = 256 if q else 16_384
     args.batch_sizes = (64, 256) if q else (1024, 4096, 16_384)
     args.rounds = 1 if q else 2
-    threads = set_threads(args.threads)
+    threads = start(args.out, args.threads)
     sections = args.only or SECTIONS
 
     t_start = time.perf_counter()
@@ -425,6 +528,8 @@ def main() -> None:
         lp = run_log_prob(args)
         results[S_COST], results[S_EXTRA], results[S_BATCH] = lp["cost"], lp["extrapolation"], lp["batch_size"]
         raw["power_sized_flow_fit_s"] = lp["train_s"]
+    if "subnormals" in sections:
+        results[S_SUB], raw["subnormal_windows"] = run_subnormals(args)
     total = time.perf_counter() - t_start
     print(f"total {total:.0f} s", flush=True)
 
@@ -435,6 +540,9 @@ def main() -> None:
         "columns estimate an idle machine from this process's CPU time)."
     )
     meta = metadata({"seed": args.seed, "train data": args.seed, "test data": args.seed + 1}, threads=threads)
+    if "subnormals" in sections:
+        windows = raw["subnormal_windows"]
+        plot_subnormals(windows, windows[0]["steps"], name)
     write_results(
         name, "Core library figures (issue 2)", meta, results, notes=notes, section_notes=SECTION_NOTES, raw=raw
     )

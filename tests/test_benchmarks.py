@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -372,6 +373,40 @@ def test_bench_ablation_tiny(tmp_path):
     assert all(abs(r["parameters"] - base) <= 0.05 * base for r in rows.values())  # equal model size
     assert all(math.isfinite(r["delta"]) and r["delta_se"] >= 0 for r in rows.values())
     assert (tmp_path / "ablation_power_tiny.png").stat().st_size > 0
+
+
+def test_bench_core_subnormals_quick(tmp_path):
+    """The subnormal section at CI scale: both runs step alike, and where nothing is subnormal yet
+    flushing changes nothing but the clock (the two networks' losses are equal)."""
+    run_script("bench_core.py", "--quick", "--only", "subnormals", "--threads", "1", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "core_quick_subnormals.json").read_text())
+    (rows,) = payload["sections"].values()
+    assert [r["steps"] for r in rows] == ["1-10", "11-20", "21-30", "31-40"]
+    for r in rows:
+        assert r["flushed_steps_per_s"] > 0 and r["unflushed_steps_per_s"] > 0
+        if r["subnormal_share"] == 0:
+            assert r["val_loss_flushed"] == r["val_loss_unflushed"]
+    assert (tmp_path / "core_quick_subnormals.png").stat().st_size > 0
+
+
+def test_subnormal_share_counts_them_even_when_the_caller_flushes():
+    sys.path.insert(0, str(BENCH))
+    from bench_core import subnormal_share
+
+    from localfm.training import flush_denormals
+
+    class Sharp(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = torch.nn.Softplus(beta=20)
+
+        def forward(self, x, t):
+            return self.act(x)
+
+    x = torch.tensor([[-4.5, 0.0, 1.0]])  # softplus(-4.5) = exp(-90) / 20, about 4e-41: subnormal
+    with flush_denormals():
+        assert subnormal_share(Sharp(), x, torch.zeros(1)) == pytest.approx(1 / 3)
+    assert subnormal_share(Sharp(), x.abs(), torch.zeros(1)) == 0
 
 
 def test_matched_width_gives_the_closest_parameter_count():
