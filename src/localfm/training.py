@@ -569,9 +569,10 @@ def flush_denormals(on: bool = True):
 
     softplus with a sharp ``beta`` (20, the default) sends ever more pre-activations to values
     below float32's smallest normal number as training goes on, and an x86 core handles each
-    operation on those many times slower: a 2-D block's training fell from 219 to 129 steps/s in
-    5,000 steps, and held 227-239 steps/s with the same losses when they were flushed. :func:`fit`
-    runs under this. The setting is per thread and affects CPU arithmetic only.
+    operation on those many times slower: a 2-D block's training fell from 222 to 132 steps/s in
+    5,000 steps, and held 233-238 steps/s with the same losses when they were flushed
+    (``benchmarks/bench_core.py --only subnormals``). :func:`fit` runs under this. The setting is
+    per thread and affects CPU arithmetic only.
     """
     was = _flushing()
     torch.set_flush_denormal(on)
