@@ -17,6 +17,10 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 
 # Issue 5's comparison suites: the sections whose figures lead the page.
 HEADLINES = {
+    "2d_300s_lfm-dopri5_arch": (
+        "Suite 1, 2-D densities at 300 s, architecture swept, LFM pushing with dopri5 (the likelihood's solver)",
+        ["The issue's figures"],
+    ),
     "2d": ("Suite 1, 2-D densities", ["The issue's figures"]),
     "2d_300s": ("Suite 1, 2-D densities at 300 s, swept at 300 s", ["The issue's figures"]),
     "2d_300s_arch": (
