@@ -19,7 +19,7 @@
     python benchmarks/bench_core.py                   # full run, 10-15 minutes on 2 shared cores
     python benchmarks/bench_core.py --quick           # CI smoke run, under a minute
     python benchmarks/bench_core.py --only overhead   # one section (results in core_overhead.*)
-    python benchmarks/bench_core.py --only subnormals --threads 1   # section 5, about 2 minutes
+    python benchmarks/bench_core.py --only subnormals --threads 1   # section 5, about a minute
 """
 
 from __future__ import annotations
