@@ -86,6 +86,16 @@ def test_bench_2d_tiny(tmp_path):
     assert "LFM gap <= FM gap (datasets)" in checks
 
 
+def test_bench_2d_tiny_train_gap(tmp_path):
+    """The over-fitting diagnostic: each flow's paired gap on training points beside the test gap."""
+    payload = run_tiny("bench_2d.py", tmp_path, "--contenders", "LFM", "FM", "--train-gap-points", "300")
+    runs = payload["raw"]["rows"]["runs"]
+    assert len(runs) == 4 and all(math.isfinite(r["train_gap"]) and r["train_gap_se"] > 0 for r in runs)
+    assert all(r["train_gap"] != r["paired_gap"] for r in runs)  # other points, another mean
+    table = next(v for k, v in payload["sections"].items() if k.startswith("All runs"))
+    assert all("train_gap" in r for r in table)
+
+
 def test_bench_2d_tiny_averages_training_seeds(tmp_path):
     payload = run_tiny("bench_2d.py", tmp_path, "--contenders", "LFM", "FM", "--train-seeds", "0", "1")
     runs = payload["raw"]["rows"]["runs"]
