@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import localfm  # noqa: E402
 from localfm import datasets  # noqa: E402
 from localfm.flow import Standardizer  # noqa: E402
+from localfm.interpolants import get_interpolant  # noqa: E402
 from localfm.nets import NetConfig, build_net  # noqa: E402
 from localfm.ode import SolverConfig  # noqa: E402
 from localfm.training import flush_denormals, fresh_net, new_block_state, train_block  # noqa: E402
@@ -410,7 +411,7 @@ def subnormal_share(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> f
         counts[0] += int(((out != 0) & (out.abs() < tiny)).sum())
         counts[1] += out.numel()
 
-    acts = [m for m in net.modules() if isinstance(m, (torch.nn.Softplus, torch.nn.ReLU, torch.nn.SiLU))]
+    acts = [m for m in net.modules() if type(m).__module__ == torch.nn.modules.activation.__name__]
     hooks = [m.register_forward_hook(count) for m in acts]
     try:
         with flush_denormals(False), torch.no_grad():
@@ -433,11 +434,12 @@ def run_subnormals(args) -> tuple[list[dict], list[dict]]:
     g = torch.Generator().manual_seed(args.seed + 1)
     val = pool[torch.randint(pool.shape[0], (batch,), generator=g)]
     z, t_val = torch.randn(val.shape, generator=g), torch.rand(batch, generator=g)
-    x_t = (1 - t_val[:, None]) * val + t_val[:, None] * z
+    interp = get_interpolant(runs[True].tc.interpolant)  # the free block's pairs (val, z), as trained
+    x_t, target = interp.x_t(val, z, t_val), interp.dx_t(val, z, t_val)
 
     def val_loss(run: LibraryLoop) -> float:
         with flush_denormals(), torch.no_grad():
-            return float((run.state.net(x_t, t_val) - (z - val)).pow(2).mean())
+            return float((run.state.net(x_t, t_val) - target).pow(2).mean())
 
     windows = []
     for r in range(rounds):
