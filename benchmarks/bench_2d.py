@@ -22,6 +22,7 @@ every run; a rerun skips what is already there (``--fresh`` starts over).
     python benchmarks/bench_2d.py --budget 60           # another budget (a separate results file)
     python benchmarks/bench_2d.py --train-seeds 0 1 2 --datasets moons --contenders LFM FM  # more seeds
     python benchmarks/bench_2d.py --budget 300 --lfm-blocks 4 2 --lfm-depths 3 4 --fm-depths 3 4 5 6  # + architecture
+    python benchmarks/bench_2d.py --budget 300 --sweep-data rings 8gaussians  # tune on a sharp and a smooth density
     python benchmarks/bench_2d.py --tiny --out DIR      # CI smoke run, seconds
 
 Peers: ``pip install zuko`` (or the ``bench`` extra) and ``pip install --no-deps torchcfm`` (never
@@ -91,12 +92,16 @@ S_TABLE = "Gap to the true entropy per dataset (paired gap, nats; lower is bette
 S_CHECKS = "The issue's figures"
 S_ROWS = "All runs (best setting of each contender)"
 S_SWEEP = "Tuning sweep (validation NLL at the same budget)"
+S_SETTINGS = "Every setting with test runs (paired gap, nats, mean over seeds)"
 NOTES = {
     S_TABLE: "Paired gap = mean over the test points of `log p_true - log p_model`, an estimate of "
     "KL(data || model), averaged over the training seeds (`seeds`: how many each contender has); in "
     "brackets its standard error, between seeds where there are several (retraining moves a gap by more "
     "than the test points' error), else over the test points. `LFM<=FM`: the mean over the seeds both "
-    "have of LFM's gap minus FM's (the same test points, so of LFM's test NLL minus FM's) is at most 0.",
+    "have of LFM's gap minus FM's (the same test points, so of LFM's test NLL minus FM's) is at most 0. "
+    "`seeds for 2 SE`: how many paired training seeds would put that mean two standard errors from 0 if its "
+    "mean and spread between seeds stayed as measured, `ceil((2 sd / |mean|)^2)` (from two seeds a rough "
+    "guide: their spread is itself uncertain); where it runs to tens or hundreds, the sign is retraining noise.",
     S_ROWS: "`nll` ± `nll_se`: test NLL (nats) on the whole test split, with `nll_solver` (rows without it "
     "are older and used each model's own solver); `H`: true entropy (Monte Carlo, "
     "200k points); `nll-H` carries the test sample's noise, `paired_gap` much less. `train_s`: wall-clock "
@@ -106,6 +111,9 @@ NOTES = {
     "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with its own fixed-step rk4). "
     "`train_gap` (runs with `--train-gap-points N`): the paired gap on the first N training points; well "
     "below `paired_gap`, the model has learnt its training points rather than the density.",
+    S_SETTINGS: "Where a contender also has test runs of a setting the sweep did not choose (run with a "
+    "one-value grid, e.g. `--lrs 0.003`): its gap per dataset, with the number of training seeds in brackets. "
+    "An ablation, not a choice: picking the better per dataset would tune on the test points.",
     S_SWEEP: "Every contender gets the same grid; the setting with the lowest mean validation NLL over the "
     "sweep datasets is used everywhere (`best`). `arch` (where swept): LFM's number of blocks (its first OU "
     "steps + the free block) and hidden layers per block, FM's hidden layers, each at the same total "
@@ -117,7 +125,13 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=40.0, help="seconds per contender per dataset (default 40)")
     p.add_argument("--sweep-budget", type=float, default=None, help="seconds per sweep run (default: --budget)")
-    p.add_argument("--sweep-data", nargs="+", default=["rings"], help="dataset(s) of the tuning sweep")
+    p.add_argument(
+        "--sweep-data",
+        nargs="+",
+        default=None,
+        choices=DATASETS,
+        help="dataset(s) of the tuning sweep (default rings; others: own results file, e.g. rings 8gaussians)",
+    )
     p.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     p.add_argument("--contenders", nargs="+", default=list(C.CONTENDERS), choices=C.CONTENDERS)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
@@ -171,8 +185,11 @@ def parse_args() -> argparse.Namespace:
     a = p.parse_args()
     if a.tiny:
         a.budget, a.sweep_budget = 1.0, 0.5
-        a.sweep_data, a.datasets = ["8gaussians"], ["8gaussians", "moons"]
+        a.datasets = ["8gaussians", "moons"]
         a.lrs, a.batches, a.n_samples, a.n_check = [1e-3, 3e-3], [256], 500, 1_000
+    own_sweep = ["8gaussians"] if a.tiny else ["rings"]
+    a.sweep_data = a.sweep_data or own_sweep
+    a.other_sweep = a.sweep_data != own_sweep
     a.sweep_budget = a.sweep_budget or a.budget
     a.train_seeds = a.train_seeds or [a.seed]
     a.sizes = (4_000, 500, 1_000) if a.tiny else None
@@ -189,6 +206,8 @@ def parse_args() -> argparse.Namespace:
         a.name += "_lfm-" + a.lfm_solver.replace(":", "")
     if a.lfm_blocks or a.lfm_depths or a.fm_depths:
         a.name += "_arch"
+    if a.other_sweep:
+        a.name += "_sweep-" + "-".join(a.sweep_data)
     return a
 
 
@@ -331,6 +350,17 @@ def by_seed(runs: list[dict], data: str) -> dict[str, dict[int, dict]]:
     return out
 
 
+def seeds_to_settle(diffs: list[float]) -> int | str:
+    """How many paired training seeds would put the mean of ``diffs`` (LFM's gap minus FM's, one per
+    seed) two standard errors away from 0, were its mean and spread between seeds what they are now:
+    ``ceil((2 sd / |mean|)^2)``. A small number says the sign is settled; hundreds say the two differ by
+    less than retraining moves either. ``-`` with fewer than two seeds."""
+    if len(diffs) < 2:
+        return "-"
+    d, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    return max(len(diffs), math.ceil((2 * sd / abs(d)) ** 2)) if d else "inf"
+
+
 def measured(runs: list[dict]) -> list[str]:
     """The datasets with runs, in the registry's order (a pass over some of them rewrites all)."""
     return [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
@@ -372,7 +402,8 @@ def sections(a, rows: dict, missing: dict) -> dict:
             wins += d <= 0
             if d > 2 * se:
                 worse.append(data)
-            line["LFM-FM"] = f"{d:+.3f} ± {se:.3f} ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})"
+            line["LFM-FM"] = f"{d:+.4f} ± {se:.4f} ({len(diffs)} seed{'s' if len(diffs) > 1 else ''})"
+            line["seeds for 2 SE"] = seeds_to_settle(diffs)
         if "LFM" in means:
             lfm_gap[data] = means["LFM"]
         line["best"] = min(means, key=lambda n: means[n][0])
@@ -399,6 +430,18 @@ def sections(a, rows: dict, missing: dict) -> dict:
     cols += ["paired_gap", "paired_gap_se"] + (["train_gap"] if any("train_gap" in r for r in runs) else [])
     cols += ["ED", "train_s", "push_s", "steps", "sample_s", "nfe/sample", "solver_diff", "load_1min"]
     out[S_ROWS] = [{c: r.get(c) for c in cols} for r in runs]
+    every = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
+    settings = list(dict.fromkeys((r["contender"], r["setting"]) for r in every))
+    if len(settings) > len({c for c, _ in settings}):  # some contender has more than one
+        out[S_SETTINGS] = []
+        for data in measured(every):
+            line = {"dataset": data}
+            for c, label in settings:
+                gaps = [
+                    r["paired_gap"] for r in every if (r["dataset"], r["contender"], r["setting"]) == (data, c, label)
+                ]
+                line[f"{c} {label}"] = f"{statistics.fmean(gaps):.4f} ({len(gaps)})" if gaps else "-"
+            out[S_SETTINGS].append(line)
     sweep = []
     for r in rows.get("sweep", []):
         b = best.get(r["contender"])
@@ -406,7 +449,7 @@ def sections(a, rows: dict, missing: dict) -> dict:
         line = {k: r[k] for k in ("dataset", "contender", "lr", "batch")}
         if a.lfm_blocks or a.lfm_depths or a.fm_depths:
             line["arch"] = r.get("arch") or "-"
-        sweep.append({**line, "val_nll": r["val_nll"], "steps": r["steps"], "best": chosen})
+        sweep.append({**line, "val_nll": f"{r['val_nll']:.4f}", "steps": r["steps"], "best": chosen})
     out[S_SWEEP] = sweep
     return out
 
@@ -485,7 +528,8 @@ def main() -> None:
             + (f"; ablation: LFM on a {a.lfm_pool:,}-point pool" if a.lfm_pool else "")
             + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else "")
             + (f"; ablation: LFM's OU steps h = {a.lfm_h} at the same total parameters" if a.lfm_h else "")
-            + (f"; ablation: LFM's solver {a.lfm_solver}" if a.lfm_solver else ""),
+            + (f"; ablation: LFM's solver {a.lfm_solver}" if a.lfm_solver else "")
+            + (f"; tuned on {' and '.join(a.sweep_data)}" if a.other_sweep else ""),
             meta,
             sections(a, rows, missing),
             notes=notes,

@@ -110,6 +110,10 @@ def test_bench_2d_tiny_averages_training_seeds(tmp_path):
         assert line["LFM-FM"].endswith("(2 seeds)")
         assert float(line["LFM-FM"].split()[0]) == pytest.approx(diff, abs=1e-3)
         assert line["LFM<=FM"] == (diff <= 0)
+        # seeds for the sign at 2 SE: (2 sd / |mean|)^2, sd of two values = |a - b| / sqrt(2)
+        d = [gap["LFM", k] - gap["FM", k] for k in (0, 1)]
+        need = (2 * abs(d[0] - d[1]) / math.sqrt(2) / abs(diff)) ** 2
+        assert line["seeds for 2 SE"] == max(2, math.ceil(need))
     # the datasets LFM loses beyond two standard errors of the difference between seeds
     worse = []
     for data in ("8gaussians", "moons"):
@@ -167,6 +171,40 @@ def test_bench_2d_tiny_sweeps_architecture(tmp_path):
     assert stale in payload["raw"]["rows"]["runs"]
     listed = next(v for k, v in payload["sections"].items() if k.startswith("All runs"))
     assert len(listed) == 4 and all(r["setting"] != "lr=0.1 batch=1" for r in listed)
+    # ... and in the ablation table of every setting with runs, beside the chosen ones
+    every = {r["dataset"]: r for r in next(v for k, v in payload["sections"].items() if k.startswith("Every setting"))}
+    assert every[stale["dataset"]][f"{stale['contender']} lr=0.1 batch=1"] == "99.0000 (1)"
+    chosen = next(r for r in listed if r["dataset"] == stale["dataset"] and r["contender"] == stale["contender"])
+    assert every[stale["dataset"]][f"{stale['contender']} {chosen['setting']}"] == f"{chosen['paired_gap']:.4f} (1)"
+
+
+def test_bench_2d_tiny_sweeps_on_two_datasets(tmp_path):
+    """``--sweep-data 8gaussians moons``: every setting is tried on both, the one with the lowest mean
+    validation NLL over the two is what runs, and the results go to their own file."""
+    run_script(
+        "bench_2d.py",
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--contenders",
+        "LFM",
+        "FM",
+        "--sweep-data",
+        "8gaussians",
+        "moons",
+    )
+    assert not (tmp_path / "2d_tiny.json").exists()
+    payload = json.loads((tmp_path / "2d_tiny_sweep-8gaussians-moons.json").read_text())
+    assert payload["title"].endswith("tuned on 8gaussians and moons")
+    rows = payload["raw"]["rows"]
+    for c in ("LFM", "FM"):
+        sweep = [r for r in rows["sweep"] if r["contender"] == c]
+        assert {(r["dataset"], r["lr"]) for r in sweep} == {
+            (d, lr) for d in ("8gaussians", "moons") for lr in (1e-3, 3e-3)
+        }
+        mean = {lr: statistics.fmean(r["val_nll"] for r in sweep if r["lr"] == lr) for lr in (1e-3, 3e-3)}
+        label = f"lr={min(mean, key=mean.get):g} batch=256"
+        assert {r["setting"] for r in rows["runs"] if r["contender"] == c} == {label}
 
 
 def test_bench_2d_tiny_lfm_solver(tmp_path):
