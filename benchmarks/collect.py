@@ -17,6 +17,11 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 
 # Issue 5's comparison suites: the sections whose figures lead the page.
 HEADLINES = {
+    "2d_300s_lfm-dopri5_arch_sweep-rings-8gaussians": (
+        "Suite 1, 2-D densities at 300 s, learning rate swept on rings and 8gaussians with subnormals flushed "
+        "(architectures from the rings sweep), LFM pushing with dopri5",
+        ["The issue's figures"],
+    ),
     "2d_300s_lfm-dopri5_arch": (
         "Suite 1, 2-D densities at 300 s, architecture swept, LFM pushing with dopri5 (the likelihood's solver)",
         ["The issue's figures"],
