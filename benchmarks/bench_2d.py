@@ -10,7 +10,9 @@ samples to 10k test points, training and sampling time, network evaluations per 
 
 Tuning: the same sweep of learning rate x batch size for every contender, on the validation split
 of the sweep dataset(s) at the same budget; each contender's best setting (lowest validation NLL)
-is then used on every dataset. The whole sweep is in the results. ``--lfm-blocks 4 2 --lfm-depths 3 4
+is then used on every dataset (``--per-dataset`` instead: every setting runs on every dataset, each run is
+also scored on the validation split, and each contender keeps per dataset its setting with the lower
+score). The whole sweep is in the results. ``--lfm-blocks 4 2 --lfm-depths 3 4
 --fm-depths 3 4 5 6`` adds the architecture to the sweep, at the same total parameters: LFM's number
 of blocks and their depth (every pair), FM's depth.
 
@@ -180,6 +182,12 @@ def parse_args() -> argparse.Namespace:
         help="diagnostic: also the paired gap on the first N training points (`train_gap`: over-fitting shows as "
         "a train gap below the test gap)",
     )
+    p.add_argument(
+        "--per-dataset",
+        action="store_true",
+        help="no shared sweep: every grid setting runs on every dataset, each is also scored on the validation "
+        "split, and each contender's setting is chosen per dataset by that score (own results file)",
+    )
     p.add_argument("--sweep-from", default=None, help="reuse the sweep of results/NAME.json (e.g. 2d)")
     p.add_argument("--render", action="store_true", help="rewrite the results files from their rows, nothing else")
     a = p.parse_args()
@@ -208,6 +216,8 @@ def parse_args() -> argparse.Namespace:
         a.name += "_arch"
     if a.other_sweep:
         a.name += "_sweep-" + "-".join(a.sweep_data)
+    if a.per_dataset:
+        a.name += "_per-dataset"
     return a
 
 
@@ -279,14 +289,18 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
             h = datasets.true_entropy(ds, n=20_000 if a.tiny else 200_000)
             entropies[data] = {"H": h.value, "H_se": h.stderr}
         H = entropies[data]["H"]
-        x_test = torch.from_numpy(ds.test)
+        x_test, x_val = torch.from_numpy(ds.test), torch.from_numpy(ds.val)
 
         def true_lp(x, ds=ds):
             return torch.as_tensor(ds.log_prob(x.double().numpy()))
 
-        order = [(seed, name) for j, seed in enumerate(a.train_seeds) for name in rotated(a.contenders, i + j)]
-        for seed, name in order:
-            s = best[name]
+        order = [
+            (seed, name, s)
+            for j, seed in enumerate(a.train_seeds)
+            for name in rotated(a.contenders, i + j)
+            for s in (grids(a)[name] if a.per_dataset else [best[name]])
+        ]
+        for seed, name, s in order:
             key = {"dataset": data, "contender": name, "budget": a.budget, "seed": seed, "setting": s.label}
             if C.find(runs, **key):
                 continue
@@ -317,6 +331,8 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
                 "dopri5_nll": check.get("dopri5_nll"),
                 "own_solver_nll": check.get("own_solver_nll"),
             }
+            if a.per_dataset:  # the score that chooses among this dataset's settings
+                row["val_nll"] = C.metrics.nll_summary(C.nll_log_prob(tr, NLL_SOLVER)(x_val).double())["nll"]
             if a.train_gap_points and tr.flow is not None:
                 x_fit = torch.from_numpy(ds.train[: a.train_gap_points])
                 lp_fit = C.nll_log_prob(tr, NLL_SOLVER)(x_fit).double()
@@ -361,6 +377,20 @@ def seeds_to_settle(diffs: list[float]) -> int | str:
     return max(len(diffs), math.ceil((2 * sd / abs(d)) ** 2)) if d else "inf"
 
 
+def chosen_per_dataset(runs: list[dict], budget: float) -> tuple[list[dict], dict[tuple[str, str], str]]:
+    """``--per-dataset``: for each dataset and contender, the runs of the setting with the lowest mean
+    validation NLL over its seeds; also ``{(dataset, contender): setting}``."""
+    scored = [r for r in runs if r["budget"] == budget and "val_nll" in r]
+    choice = {}
+    for data, name in dict.fromkeys((r["dataset"], r["contender"]) for r in scored):
+        val: dict[str, list[float]] = {}
+        for r in scored:
+            if (r["dataset"], r["contender"]) == (data, name):
+                val.setdefault(r["setting"], []).append(r["val_nll"])
+        choice[data, name] = min(val, key=lambda label: statistics.fmean(val[label]))
+    return [r for r in scored if choice[r["dataset"], r["contender"]] == r["setting"]], choice
+
+
 def measured(runs: list[dict]) -> list[str]:
     """The datasets with runs, in the registry's order (a pass over some of them rewrites all)."""
     return [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
@@ -369,13 +399,17 @@ def measured(runs: list[dict]) -> list[str]:
 def sections(a, rows: dict, missing: dict) -> dict:
     swept = [n for n in C.CONTENDERS if any(r["contender"] == n for r in rows.get("sweep", []))]
     best = choose_best(a, rows.get("sweep", []), swept)
-    # the runs of each contender's chosen setting (a file may also hold those of a setting since outswept)
-    runs = [
-        r
-        for r in rows.get("runs", [])
-        if r["budget"] == a.budget
-        and (r["contender"] not in best or r.get("setting", best[r["contender"]].label) == best[r["contender"]].label)
-    ]
+    if a.per_dataset:
+        runs, per_data = chosen_per_dataset(rows.get("runs", []), a.budget)
+    else:  # the runs of each contender's chosen setting (a file may also hold those of a setting since outswept)
+        runs = [
+            r
+            for r in rows.get("runs", [])
+            if r["budget"] == a.budget
+            and (
+                r["contender"] not in best or r.get("setting", best[r["contender"]].label) == best[r["contender"]].label
+            )
+        ]
     out: dict = {}
     table, wins, compared, lfm_gap, worse = [], 0, 0, {}, []
     for data in measured(runs):
@@ -407,6 +441,8 @@ def sections(a, rows: dict, missing: dict) -> dict:
         if "LFM" in means:
             lfm_gap[data] = means["LFM"]
         line["best"] = min(means, key=lambda n: means[n][0])
+        if a.per_dataset:
+            line["settings"] = "; ".join(f"{n}: {per_data[data, n]}" for n in C.CONTENDERS if n in got)
         table.append(line)
     out[S_TABLE] = table
     checks = {
@@ -422,12 +458,17 @@ def sections(a, rows: dict, missing: dict) -> dict:
     fm = [r for r in runs if r["contender"] == "FM"]
     if lfm and fm:
         checks["parameters LFM / FM"] = f"{lfm[0]['params']:,} / {fm[0]['params']:,}"
-    checks["settings used"] = "; ".join(f"{n}: {s.label}" for n, s in best.items())
+    checks["settings used"] = (
+        "per dataset, the lowest validation NLL of each contender's runs (`settings` above)"
+        if a.per_dataset
+        else "; ".join(f"{n}: {s.label}" for n, s in best.items())
+    )
     if missing:
         checks["skipped (package not installed)"] = ", ".join(missing)
     out[S_CHECKS] = checks
     cols = ["dataset", "contender", "seed", "setting", "params", "nll", "nll_se", "nll_solver", "H", "nll-H"]
     cols += ["paired_gap", "paired_gap_se"] + (["train_gap"] if any("train_gap" in r for r in runs) else [])
+    cols += ["val_nll"] if a.per_dataset else []
     cols += ["ED", "train_s", "push_s", "steps", "sample_s", "nfe/sample", "solver_diff", "load_1min"]
     out[S_ROWS] = [{c: r.get(c) for c in cols} for r in runs]
     every = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
@@ -541,8 +582,9 @@ def main() -> None:
         publish()
         plot(a, rows)
         return
-    best.update(run_sweep(a, rows, publish))
-    print("[2d] best settings: " + "; ".join(f"{n}: {s.label}" for n, s in best.items()), flush=True)
+    if not a.per_dataset:
+        best.update(run_sweep(a, rows, publish))
+        print("[2d] best settings: " + "; ".join(f"{n}: {s.label}" for n, s in best.items()), flush=True)
     run_main(a, rows, best, entropies, publish)
     publish()
     plot(a, rows)

@@ -207,6 +207,26 @@ def test_bench_2d_tiny_sweeps_on_two_datasets(tmp_path):
         assert {r["setting"] for r in rows["runs"] if r["contender"] == c} == {label}
 
 
+def test_bench_2d_tiny_per_dataset(tmp_path):
+    """``--per-dataset``: no shared sweep; every setting runs on every dataset and is scored on the
+    validation split, and the tables keep, per dataset, each contender's run with the lower score."""
+    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", "--per-dataset")
+    payload = json.loads((tmp_path / "2d_tiny_per-dataset.json").read_text())
+    rows = payload["raw"]["rows"]
+    assert not rows.get("sweep")
+    listed = next(v for k, v in payload["sections"].items() if k.startswith("All runs"))
+    table = {r["dataset"]: r for r in next(v for k, v in payload["sections"].items() if k.startswith("Gap to"))}
+    for data in ("8gaussians", "moons"):
+        for c in ("LFM", "FM"):
+            runs = {r["setting"]: r for r in rows["runs"] if (r["dataset"], r["contender"]) == (data, c)}
+            assert set(runs) == {"lr=0.001 batch=256", "lr=0.003 batch=256"}
+            assert all(math.isfinite(r["val_nll"]) for r in runs.values())
+            pick = min(runs, key=lambda label: runs[label]["val_nll"])
+            kept = [r for r in listed if (r["dataset"], r["contender"]) == (data, c)]
+            assert [r["setting"] for r in kept] == [pick]
+            assert f"{c}: {pick}" in table[data]["settings"]
+
+
 def test_bench_2d_tiny_lfm_solver(tmp_path):
     """``--lfm-solver rk4:8``: LFM pushes and samples with 8 rk4 steps per block (own results file), and
     its likelihood still comes from the reference solver."""
