@@ -113,9 +113,10 @@ NOTES = {
     "solver minus the NLL with dopri5 at 1e-5 (ODE models; LFM integrates with its own fixed-step rk4). "
     "`train_gap` (runs with `--train-gap-points N`): the paired gap on the first N training points; well "
     "below `paired_gap`, the model has learnt its training points rather than the density.",
-    S_SETTINGS: "Where a contender also has test runs of a setting the sweep did not choose (run with a "
-    "one-value grid, e.g. `--lrs 0.003`): its gap per dataset, with the number of training seeds in brackets. "
-    "An ablation, not a choice: picking the better per dataset would tune on the test points.",
+    S_SETTINGS: "Where a contender has test runs of more than one setting (one the sweep did not choose, run "
+    "with a one-value grid such as `--lrs 0.003`, or every setting with `--per-dataset`): its gap per dataset "
+    "for each, with the number of training seeds in brackets. Picking the better here would tune on the test "
+    "points; `--per-dataset` picks on the validation split.",
     S_SWEEP: "Every contender gets the same grid; the setting with the lowest mean validation NLL over the "
     "sweep datasets is used everywhere (`best`). `arch` (where swept): LFM's number of blocks (its first OU "
     "steps + the free block) and hidden layers per block, FM's hidden layers, each at the same total "
@@ -396,20 +397,26 @@ def measured(runs: list[dict]) -> list[str]:
     return [d for d in DATASETS if any(r["dataset"] == d for r in runs)]
 
 
-def sections(a, rows: dict, missing: dict) -> dict:
+def chosen_runs(a, rows: dict) -> tuple[list[dict], dict[str, C.Setting], dict[tuple[str, str], str]]:
+    """The runs the tables and the plot show: those of each contender's chosen setting (a file may also
+    hold runs of other settings: outswept ones, ablations); with the sweep's choices and, for
+    ``--per-dataset``, the choice per (dataset, contender)."""
     swept = [n for n in C.CONTENDERS if any(r["contender"] == n for r in rows.get("sweep", []))]
     best = choose_best(a, rows.get("sweep", []), swept)
     if a.per_dataset:
         runs, per_data = chosen_per_dataset(rows.get("runs", []), a.budget)
-    else:  # the runs of each contender's chosen setting (a file may also hold those of a setting since outswept)
-        runs = [
-            r
-            for r in rows.get("runs", [])
-            if r["budget"] == a.budget
-            and (
-                r["contender"] not in best or r.get("setting", best[r["contender"]].label) == best[r["contender"]].label
-            )
-        ]
+        return runs, best, per_data
+    runs = [
+        r
+        for r in rows.get("runs", [])
+        if r["budget"] == a.budget
+        and (r["contender"] not in best or r.get("setting", best[r["contender"]].label) == best[r["contender"]].label)
+    ]
+    return runs, best, {}
+
+
+def sections(a, rows: dict, missing: dict) -> dict:
+    runs, best, per_data = chosen_runs(a, rows)
     out: dict = {}
     table, wins, compared, lfm_gap, worse = [], 0, 0, {}, []
     for data in measured(runs):
@@ -499,7 +506,7 @@ def plot(a, rows: dict) -> None:
     plt = _common.pyplot()
     if plt is None:
         return
-    runs = [r for r in rows.get("runs", []) if r["budget"] == a.budget]
+    runs = chosen_runs(a, rows)[0]
     data = measured(runs)
     if not data:
         return
@@ -555,10 +562,14 @@ def main() -> None:
         meta["command"] = commands[0] if commands else _common.command_line()
         meta["all_commands"] = commands
         meta["seeds"]["training"] = sorted({r["seed"] for r in rows.get("runs", [])} | set(a.train_seeds))
+        tuning = (
+            "no shared sweep, each contender's setting chosen per dataset on the validation split"
+            if a.per_dataset
+            else f"sweep at {a.sweep_budget:g} s on {', '.join(a.sweep_data)} (validation split)"
+        )
         notes = (
-            f"Budget {a.budget:g} s of wall-clock per contender per dataset (pushforward included), sweep at "
-            f"{a.sweep_budget:g} s on {', '.join(a.sweep_data)} (validation split); {threads} torch thread(s), "
-            "2 shared cores. Commands: "
+            f"Budget {a.budget:g} s of wall-clock per contender per dataset (pushforward included), {tuning}; "
+            f"{threads} torch thread(s), 2 shared cores. Commands: "
             + "; ".join(f"`{c}`" for c in commands)
             + "."
             + ("" if a.render else f" Run time of the last so far {time.perf_counter() - t_start:.0f} s.")
@@ -570,7 +581,8 @@ def main() -> None:
             + (f"; LFM pushes {a.lfm_push_points:,} of the training points" if a.lfm_push_points else "")
             + (f"; ablation: LFM's OU steps h = {a.lfm_h} at the same total parameters" if a.lfm_h else "")
             + (f"; ablation: LFM's solver {a.lfm_solver}" if a.lfm_solver else "")
-            + (f"; tuned on {' and '.join(a.sweep_data)}" if a.other_sweep else ""),
+            + (f"; tuned on {' and '.join(a.sweep_data)}" if a.other_sweep else "")
+            + ("; settings chosen per dataset" if a.per_dataset else ""),
             meta,
             sections(a, rows, missing),
             notes=notes,
