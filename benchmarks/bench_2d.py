@@ -261,11 +261,22 @@ def run_sweep(a, rows: dict, publish) -> dict[str, C.Setting]:
                 if C.find(sweep, **key):
                     continue
                 tr = C.train(name, SUITE, torch.from_numpy(ds.train), s, a.sweep_budget, seed=a.seed)
-                summary = C.metrics.nll_summary(C.nll_log_prob(tr, NLL_SOLVER)(x_val).double())
+                summary = validation(tr, x_val)
                 sweep.append({**key, "val_nll": summary["nll"], "val_se": summary["nll_se"], "steps": tr.steps})
                 print(f"[2d sweep] {data} {name} {s.label}: val NLL {summary['nll']:.4f}", flush=True)
                 publish()
     return choose_best(a, sweep, a.contenders)
+
+
+def validation(tr: C.Trained, x_val: torch.Tensor) -> dict:
+    """A trained contender's NLL summary on the validation split, with the reference solver: the score
+    that chooses settings (the shared sweep's and ``--per-dataset``'s alike)."""
+    return C.metrics.nll_summary(C.nll_log_prob(tr, NLL_SOLVER)(x_val).double())
+
+
+def score(vals: list[float]) -> float:
+    """Mean validation NLL of a setting's runs; inf when there are none or one diverged."""
+    return sum(vals) / len(vals) if vals and all(map(math.isfinite, vals)) else math.inf
 
 
 def choose_best(a, sweep: list[dict], names) -> dict[str, C.Setting]:
@@ -277,7 +288,7 @@ def choose_best(a, sweep: list[dict], names) -> dict[str, C.Setting]:
         for s in grid[name]:
             found = [C.find(sweep, **sweep_key(d, name, s, a.sweep_budget)) for d in a.sweep_data]
             vals = [r["val_nll"] for r in found if r is not None]
-            scores[s] = sum(vals) / len(vals) if vals and all(map(math.isfinite, vals)) else math.inf
+            scores[s] = score(vals)
         best[name] = min(scores, key=scores.get)
     return best
 
@@ -333,7 +344,7 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
                 "own_solver_nll": check.get("own_solver_nll"),
             }
             if a.per_dataset:  # the score that chooses among this dataset's settings
-                row["val_nll"] = C.metrics.nll_summary(C.nll_log_prob(tr, NLL_SOLVER)(x_val).double())["nll"]
+                row["val_nll"] = validation(tr, x_val)["nll"]
             if a.train_gap_points and tr.flow is not None:
                 x_fit = torch.from_numpy(ds.train[: a.train_gap_points])
                 lp_fit = C.nll_log_prob(tr, NLL_SOLVER)(x_fit).double()
@@ -388,7 +399,7 @@ def chosen_per_dataset(runs: list[dict], budget: float) -> tuple[list[dict], dic
         for r in scored:
             if (r["dataset"], r["contender"]) == (data, name):
                 val.setdefault(r["setting"], []).append(r["val_nll"])
-        choice[data, name] = min(val, key=lambda label: statistics.fmean(val[label]))
+        choice[data, name] = min(val, key=lambda label: score(val[label]))
     return [r for r in scored if choice[r["dataset"], r["contender"]] == r["setting"]], choice
 
 
