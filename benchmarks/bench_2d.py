@@ -10,9 +10,10 @@ samples to 10k test points, training and sampling time, network evaluations per 
 
 Tuning: the same sweep of learning rate x batch size for every contender, on the validation split
 of the sweep dataset(s) at the same budget; each contender's best setting (lowest validation NLL)
-is then used on every dataset (``--per-dataset`` instead: every setting runs on every dataset, each run is
-also scored on the validation split, and each contender keeps per dataset its setting with the lower
-score). The whole sweep is in the results. ``--lfm-blocks 4 2 --lfm-depths 3 4
+is then used on every dataset (``--per-dataset`` instead: every setting runs on every dataset at the
+first training seed, each run is also scored on the validation split, each contender keeps per dataset
+its setting with the lower score, and later training seeds run that setting only). The whole sweep is
+in the results. ``--lfm-blocks 4 2 --lfm-depths 3 4
 --fm-depths 3 4 5 6`` adds the architecture to the sweep, at the same total parameters: LFM's number
 of blocks and their depth (every pair), FM's depth.
 
@@ -186,8 +187,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--per-dataset",
         action="store_true",
-        help="no shared sweep: every grid setting runs on every dataset, each is also scored on the validation "
-        "split, and each contender's setting is chosen per dataset by that score (own results file)",
+        help="no shared sweep: every grid setting runs on every dataset at the first training seed, each is also "
+        "scored on the validation split, each contender's setting is chosen per dataset by that score, and later "
+        "training seeds run the chosen setting only (own results file)",
     )
     p.add_argument("--sweep-from", default=None, help="reuse the sweep of results/NAME.json (e.g. 2d)")
     p.add_argument("--render", action="store_true", help="rewrite the results files from their rows, nothing else")
@@ -306,12 +308,25 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
         def true_lp(x, ds=ds):
             return torch.as_tensor(ds.log_prob(x.double().numpy()))
 
-        order = [
+        def settings(seed: int, name: str, data=data) -> list[C.Setting]:
+            """What runs at this seed: the shared sweep's choice; with ``--per-dataset`` the whole grid at
+            the first training seed (the tuning seed), then the setting its validation scores chose."""
+            grid = grids(a)[name]
+            if not a.per_dataset:
+                return [best[name]]
+            if seed == a.train_seeds[0]:
+                return grid
+            labels = {s.label for s in grid}
+            mine = [r for r in runs if r["dataset"] == data and r["contender"] == name and r["setting"] in labels]
+            _, choice = chosen_per_dataset(mine, a.budget)
+            return [s for s in grid if s.label == choice[data, name]]
+
+        order = (  # a generator: a later seed's setting is chosen once the tuning seed's runs are in
             (seed, name, s)
             for j, seed in enumerate(a.train_seeds)
             for name in rotated(a.contenders, i + j)
-            for s in (grids(a)[name] if a.per_dataset else [best[name]])
-        ]
+            for s in settings(seed, name)
+        )
         for seed, name, s in order:
             key = {"dataset": data, "contender": name, "budget": a.budget, "seed": seed, "setting": s.label}
             if C.find(runs, **key):
@@ -390,15 +405,26 @@ def seeds_to_settle(diffs: list[float]) -> int | str:
 
 
 def chosen_per_dataset(runs: list[dict], budget: float) -> tuple[list[dict], dict[tuple[str, str], str]]:
-    """``--per-dataset``: for each dataset and contender, the runs of the setting with the lowest mean
-    validation NLL over its seeds; also ``{(dataset, contender): setting}``."""
+    """``--per-dataset``: for each dataset and contender, the runs (every seed) of the setting with the
+    lowest mean validation NLL over the training seeds that all its settings have (the tuning seed, when
+    later seeds ran the chosen setting only: a setting's luck at a seed the others lack cannot move the
+    choice); also ``{(dataset, contender): setting}``."""
     scored = [r for r in runs if r["budget"] == budget and "val_nll" in r]
     choice = {}
     for data, name in dict.fromkeys((r["dataset"], r["contender"]) for r in scored):
-        val: dict[str, list[float]] = {}
+        seeds: dict[str, set[int]] = {}
         for r in scored:
             if (r["dataset"], r["contender"]) == (data, name):
-                val.setdefault(r["setting"], []).append(r["val_nll"])
+                seeds.setdefault(r["setting"], set()).add(r["seed"])
+        common = set.intersection(*seeds.values()) or set.union(*seeds.values())
+        val = {
+            label: [
+                r["val_nll"]
+                for r in scored
+                if (r["dataset"], r["contender"], r["setting"]) == (data, name, label) and r["seed"] in common
+            ]
+            for label in seeds
+        }
         choice[data, name] = min(val, key=lambda label: score(val[label]))
     return [r for r in scored if choice[r["dataset"], r["contender"]] == r["setting"]], choice
 

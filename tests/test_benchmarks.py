@@ -208,9 +208,13 @@ def test_bench_2d_tiny_sweeps_on_two_datasets(tmp_path):
 
 
 def test_bench_2d_tiny_per_dataset(tmp_path):
-    """``--per-dataset``: no shared sweep; every setting runs on every dataset and is scored on the
-    validation split, and the tables keep, per dataset, each contender's run with the lower score."""
-    run_script("bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", "--per-dataset")
+    """``--per-dataset``: no shared sweep; at the first training seed every setting runs on every
+    dataset and is scored on the validation split; the later seed runs only the setting with the lower
+    score, and the tables keep, per dataset, each contender's runs of that setting (both seeds)."""
+    run_script(
+        "bench_2d.py", "--tiny", "--out", str(tmp_path), "--contenders", "LFM", "FM", "--per-dataset",
+        "--train-seeds", "0", "1",
+    )  # fmt: skip
     payload = json.loads((tmp_path / "2d_tiny_per-dataset.json").read_text())
     rows = payload["raw"]["rows"]
     assert not rows.get("sweep")
@@ -218,13 +222,16 @@ def test_bench_2d_tiny_per_dataset(tmp_path):
     table = {r["dataset"]: r for r in next(v for k, v in payload["sections"].items() if k.startswith("Gap to"))}
     for data in ("8gaussians", "moons"):
         for c in ("LFM", "FM"):
-            runs = {r["setting"]: r for r in rows["runs"] if (r["dataset"], r["contender"]) == (data, c)}
-            assert set(runs) == {"lr=0.001 batch=256", "lr=0.003 batch=256"}
-            assert all(math.isfinite(r["val_nll"]) for r in runs.values())
-            pick = min(runs, key=lambda label: runs[label]["val_nll"])
+            mine = [r for r in rows["runs"] if (r["dataset"], r["contender"]) == (data, c)]
+            tuning = {r["setting"]: r for r in mine if r["seed"] == 0}
+            assert set(tuning) == {"lr=0.001 batch=256", "lr=0.003 batch=256"}
+            assert all(math.isfinite(r["val_nll"]) for r in mine)
+            pick = min(tuning, key=lambda label: tuning[label]["val_nll"])
+            assert [r["setting"] for r in mine if r["seed"] == 1] == [pick]
             kept = [r for r in listed if (r["dataset"], r["contender"]) == (data, c)]
-            assert [r["setting"] for r in kept] == [pick]
+            assert sorted((r["seed"], r["setting"]) for r in kept) == [(0, pick), (1, pick)]
             assert f"{c}: {pick}" in table[data]["settings"]
+            assert table[data]["seeds"].count(": 2") == 2  # both contenders averaged over the two seeds
 
 
 def test_bench_2d_tiny_lfm_solver(tmp_path):
@@ -417,6 +424,25 @@ def test_precise_figures_decide_only_what_the_errors_allow():
     assert precise_figures(floor, unresolved, good, fm)[2]["reached"] is None
     tie = row("F", [v + (-1) ** i * 1e-4 for i, v in enumerate(good["per_seed_ed"])])
     assert precise_figures(floor, teacher, good, tie)[3]["reached"] is None
+
+
+def test_per_dataset_choice_compares_settings_on_their_shared_seeds():
+    """A setting's validation NLL at a seed the other setting lacks cannot move the choice; where both
+    have every seed, the mean over them decides; a diverged run rules its setting out."""
+    sys.path.insert(0, str(BENCH))
+    from bench_2d import chosen_per_dataset
+
+    def run(setting, seed, val, budget=300.0):
+        return {"dataset": "moons", "contender": "LFM", "budget": budget, "seed": seed, "setting": setting,
+                "val_nll": val}  # fmt: skip
+
+    tuned = [run("A", 0, 2.40), run("B", 0, 2.41), run("A", 1, 2.50)]
+    kept, choice = chosen_per_dataset(tuned, 300.0)
+    assert choice == {("moons", "LFM"): "A"} and [r["seed"] for r in kept] == [0, 1]  # seed 1 kept, not scored
+    both = [*tuned, run("B", 1, 2.42)]  # now both have seeds 0 and 1: means 2.45 against 2.415
+    assert chosen_per_dataset(both, 300.0)[1] == {("moons", "LFM"): "B"}
+    assert chosen_per_dataset([*both, run("A", 0, 2.0, budget=60.0)], 300.0)[1][("moons", "LFM")] == "B"
+    assert chosen_per_dataset([run("A", 0, math.nan), run("B", 0, 2.6)], 300.0)[1][("moons", "LFM")] == "B"
 
 
 def test_bench_pools_quick(tmp_path):
