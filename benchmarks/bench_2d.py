@@ -503,7 +503,8 @@ def sections(a, rows: dict, missing: dict) -> dict:
     if lfm and fm:
         checks["parameters LFM / FM"] = f"{lfm[0]['params']:,} / {fm[0]['params']:,}"
     checks["settings used"] = (
-        "per dataset, the lowest validation NLL of each contender's runs (`settings` above)"
+        "per dataset, the lowest validation NLL of each contender's runs at the seeds all its settings have "
+        "(`settings` above)"
         if a.per_dataset
         else "; ".join(f"{n}: {s.label}" for n, s in best.items())
     )
@@ -600,7 +601,8 @@ def main() -> None:
         meta["all_commands"] = commands
         meta["seeds"]["training"] = sorted({r["seed"] for r in rows.get("runs", [])} | set(a.train_seeds))
         tuning = (
-            "no shared sweep, each contender's setting chosen per dataset on the validation split"
+            "no shared sweep, each contender's setting chosen per dataset on the validation split at the tuning "
+            "seed (every setting ran there; later seeds ran the chosen one)"
             if a.per_dataset
             else f"sweep at {a.sweep_budget:g} s on {', '.join(a.sweep_data)} (validation split)"
         )
