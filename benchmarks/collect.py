@@ -17,6 +17,11 @@ SMOKE = ("quick", "tiny")  # CI smoke runs: listed, not gathered
 
 # Issue 5's comparison suites: the sections whose figures lead the page.
 HEADLINES = {
+    "2d_300s_lfm-dopri5_arch_per-dataset": (
+        "Suite 1, 2-D densities at 300 s, each contender's learning rate chosen per dataset on validation "
+        "(seed 0 tunes, seed 1 repeats), LFM pushing with dopri5",
+        ["Gap to the true entropy per dataset (paired gap, nats; lower is better)", "The issue's figures"],
+    ),
     "2d_300s_lfm-dopri5_arch_sweep-rings-8gaussians": (
         "Suite 1, 2-D densities at 300 s, learning rate swept on rings and 8gaussians with subnormals flushed "
         "(architectures from the rings sweep), LFM pushing with dopri5",
@@ -41,6 +46,12 @@ HEADLINES = {
 }
 
 
+def more_commands(meta: dict) -> str:
+    """`` and N more commands`` where the results merge several runs (each listed in its section)."""
+    n = len(meta.get("all_commands", [])) - 1
+    return f" and {n} more command{'s' if n > 1 else ''}" if n > 0 else ""
+
+
 def headlines() -> list[str]:
     """The issue-5 figures, copied from the suites' results files (when they exist)."""
     from _common import markdown_table
@@ -59,7 +70,8 @@ def headlines() -> list[str]:
             parts += [
                 f"### {title}: {heading}",
                 "",
-                f"From `{payload['meta']['command']}` ({payload['meta']['date']}); details in its section below.",
+                f"From `{payload['meta']['command']}`{more_commands(payload['meta'])} ({payload['meta']['date']}); "
+                "details in its section below.",
                 "",
                 markdown_table(rows),
             ]
