@@ -549,8 +549,9 @@ def plot(a, rows: dict) -> None:
     if not data:
         return
     fig, ax = plt.subplots(figsize=(11, 4))
-    width = 0.8 / len(C.CONTENDERS)
-    for k, name in enumerate(C.CONTENDERS):
+    names = [n for n in C.CONTENDERS if any(r["contender"] == n for r in runs)]
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
         got = [by_seed(runs, d).get(name) for d in data]
         ys = [seed_mean(list(g.values()))[0] if g else math.nan for g in got]
         es = [seed_mean(list(g.values()))[1] if g else 0.0 for g in got]
@@ -559,7 +560,8 @@ def plot(a, rows: dict) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(data))], data, rotation=20)
     ax.set_ylabel("KL estimate (paired gap, nats)")
     ax.set_yscale("symlog", linthresh=0.05)
-    ax.set_title(f"2-D densities, {a.budget:g} s per contender (dashed: 0.1 nats)")
+    chosen = "; settings chosen per dataset on validation" if a.per_dataset else ""
+    ax.set_title(f"2-D densities, {a.budget:g} s per contender{chosen} (dashed: 0.1 nats)")
     ax.legend(ncol=5, fontsize=8)
     _common.save_figure(fig, a.name)
 
