@@ -311,9 +311,9 @@ def run_main(a, rows: dict, best: dict[str, C.Setting], entropies: dict, publish
         def settings(seed: int, name: str, data=data) -> list[C.Setting]:
             """What runs at this seed: the shared sweep's choice; with ``--per-dataset`` the whole grid at
             the first training seed (the tuning seed), then the setting its validation scores chose."""
-            grid = grids(a)[name]
             if not a.per_dataset:
                 return [best[name]]
+            grid = grids(a)[name]
             if seed == a.train_seeds[0]:
                 return grid
             labels = {s.label for s in grid}
@@ -410,22 +410,15 @@ def chosen_per_dataset(runs: list[dict], budget: float) -> tuple[list[dict], dic
     later seeds ran the chosen setting only: a setting's luck at a seed the others lack cannot move the
     choice); also ``{(dataset, contender): setting}``."""
     scored = [r for r in runs if r["budget"] == budget and "val_nll" in r]
+    val: dict[tuple[str, str], dict[str, dict[int, float]]] = {}  # (dataset, contender) -> setting -> seed -> NLL
+    for r in scored:
+        val.setdefault((r["dataset"], r["contender"]), {}).setdefault(r["setting"], {})[r["seed"]] = r["val_nll"]
     choice = {}
-    for data, name in dict.fromkeys((r["dataset"], r["contender"]) for r in scored):
-        seeds: dict[str, set[int]] = {}
-        for r in scored:
-            if (r["dataset"], r["contender"]) == (data, name):
-                seeds.setdefault(r["setting"], set()).add(r["seed"])
-        common = set.intersection(*seeds.values()) or set.union(*seeds.values())
-        val = {
-            label: [
-                r["val_nll"]
-                for r in scored
-                if (r["dataset"], r["contender"], r["setting"]) == (data, name, label) and r["seed"] in common
-            ]
-            for label in seeds
-        }
-        choice[data, name] = min(val, key=lambda label: score(val[label]))
+    for key, by_setting in val.items():
+        seeds = [set(got) for got in by_setting.values()]
+        common = set.intersection(*seeds) or set.union(*seeds)
+        scores = {label: score([v for k, v in got.items() if k in common]) for label, got in by_setting.items()}
+        choice[key] = min(scores, key=scores.get)
     return [r for r in scored if choice[r["dataset"], r["contender"]] == r["setting"]], choice
 
 
